@@ -1,0 +1,403 @@
+"""The long-running service: events in, passes and reloads out.
+
+One thread does all the work. Signal handlers and watchdog's thread only
+record what happened and wake it; the reload command runs on a helper
+thread so that a slow Prosody never stops the watchdog pings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from certwatchd import __version__, logs
+from certwatchd.certificate import TrustStore
+from certwatchd.config import Settings, load_settings, resolve_ownership
+from certwatchd.errors import ConfigError
+from certwatchd.notify import Notifier, watchdog_interval
+from certwatchd.queue import Backoff, Debounce, DirtySet
+from certwatchd.reload import ReloadResult, run_reload
+from certwatchd.sources import Pending, read_lineage
+from certwatchd.sync import Report, Synchronizer
+from certwatchd.watcher import Watcher
+
+log = structlog.get_logger()
+
+PROSODY_KEY = "prosody:"
+LINEAGE_PREFIX = "letsencrypt:"
+EXPIRY_CHECK_SECONDS = 86400.0
+# The longest the loop sleeps, so a source directory that appears is
+# noticed within this many seconds even when no event arrives.
+TICK_SECONDS = 1.0
+
+
+class Wakeup:
+    """A self-pipe: any thread or signal handler can wake the main loop."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        """Wake the loop; safe in a signal handler."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"!")
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until woken or ``timeout`` seconds pass."""
+        ready, _, _ = select.select([self._read], [], [], max(timeout, 0))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 4096):
+                    pass
+
+    def close(self) -> None:
+        """Release the pipe."""
+        os.close(self._read)
+        os.close(self._write)
+
+
+@dataclass
+class _Runtime:
+    """What is built from one reading of the settings."""
+
+    settings: Settings
+    synchronizer: Synchronizer
+    watcher: Watcher
+    reload: Debounce
+
+
+class Daemon:
+    """Watches the sources and keeps Prosody's directory in step."""
+
+    def __init__(
+        self,
+        config: Path | None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._notifier = notifier or Notifier()
+        self._clock = clock
+        self._wakeup = Wakeup()
+        self._events: list[tuple[str, str]] = []
+        self._events_lock = threading.Lock()
+        self._stop = False
+        self._hup = False
+        self._dirty = DirtySet()
+        self._backoff = Backoff()
+        self._reload_thread: threading.Thread | None = None
+        self._reload_result: ReloadResult | None = None
+        self._last_reload = "none yet"
+        self._hosts: dict[str, datetime] = {}
+        self._watchdog_every = watchdog_interval()
+        self._last_ping = 0.0
+        self._next_reconcile = 0.0
+        self._next_expiry = 0.0
+        self._reconcile_reason: str | None = "start"
+        self._runtime: _Runtime | None = None
+
+    def serve(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status."""
+        runtime = self._build(load_settings(self._config))
+        self._runtime = runtime
+        self._install_signal_handlers()
+        log.info("daemon.started", version=__version__, pid=os.getpid())
+        runtime.watcher.start()
+        self._turn()
+        self._notifier.ready(self._status())
+        log.info("daemon.ready", hosts=len(self._hosts))
+
+        try:
+            while not self._stop:
+                self._wakeup.wait(self._sleep_for())
+                self._turn()
+        finally:
+            self._notifier.stopping()
+            log.info("daemon.stopping")
+            self._runtime.watcher.stop()
+            self._wakeup.close()
+        return 0
+
+    def stop(self) -> None:
+        """Ask the loop to finish, from any thread."""
+        self._stop = True
+        self._wakeup.wake()
+
+    def _build(self, settings: Settings) -> _Runtime:
+        logs.configure(settings.log.level, settings.log.format)
+        ownership = resolve_ownership(settings)
+        trust = TrustStore.from_setting(settings.validation.trust)
+        synchronizer = Synchronizer(settings, ownership, trust, self._ping)
+        roots = {
+            "letsencrypt": settings.sources.letsencrypt_live,
+            "prosody": settings.sources.prosody_certs,
+        }
+        watcher = Watcher(roots, self._on_change)
+        debounce = Debounce(
+            settings.reload.debounce_seconds,
+            settings.reload.max_delay_seconds,
+        )
+        synchronizer.installer.remove_stale()
+        return _Runtime(settings, synchronizer, watcher, debounce)
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup_signal)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self._stop = True
+        self._wakeup.wake()
+
+    def _on_hup_signal(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self._hup = True
+        self._wakeup.wake()
+
+    def _on_change(self, root: str, path: str) -> None:
+        """Record an event from watchdog's thread and wake the loop."""
+        with self._events_lock:
+            self._events.append((root, path))
+        self._wakeup.wake()
+
+    @property
+    def runtime(self) -> _Runtime:
+        """The current settings and what was built from them."""
+        assert self._runtime is not None  # noqa: S101 - set by serve()
+        return self._runtime
+
+    def _turn(self) -> None:
+        """One turn of the main loop: everything due now, in order."""
+        if self._stop:
+            return
+        if self._hup:
+            self._hup = False
+            self._reread_settings()
+
+        now = self._clock()
+        self._collect_events(now)
+        if self.runtime.watcher.ensure():
+            self._reconcile_reason = self._reconcile_reason or "watch changed"
+        if self._reconcile_reason or now >= self._next_reconcile:
+            self._reconcile(now, self._reconcile_reason or "timer")
+        else:
+            self._process_dirty(now)
+
+        self._finish_reload(now)
+        self._start_reload(now)
+        self._check_expiry()
+        self._ping()
+        self._notifier.status(self._status())
+
+    def _collect_events(self, now: float) -> None:
+        with self._events_lock:
+            events, self._events = self._events, []
+        live = str(self.runtime.settings.sources.letsencrypt_live)
+        for root, path in events:
+            if root == "prosody":
+                self._dirty.mark(PROSODY_KEY, now)
+                continue
+            lineage = os.path.relpath(path, live).split(os.sep, 1)[0]
+            if lineage not in {".", ".."}:
+                self._dirty.mark(LINEAGE_PREFIX + lineage, now)
+
+    def _process_dirty(self, now: float) -> None:
+        """Run a pass if a touched source is ready.
+
+        A lineage is ready as soon as its links are consistent, or once it
+        has been quiet for ``debounce_seconds``; Prosody's directory once
+        it has been quiet, so a file being copied in is not read half
+        written.
+        """
+        quiet = self.runtime.settings.reload.debounce_seconds
+        live = self.runtime.settings.sources.letsencrypt_live
+        ready = False
+        settled = set()
+        for key in self._dirty.ordered():
+            calm = self._dirty.quiet_since(key, now) >= quiet
+            if key == PROSODY_KEY:
+                if calm:
+                    ready = True
+                    self._dirty.discard(key)
+                continue
+            name = key.removeprefix(LINEAGE_PREFIX)
+            if not isinstance(read_lineage(live, name), Pending):
+                log.info("lineage.changed", lineage=name, links="consistent")
+                ready = True
+                self._dirty.discard(key)
+            elif calm:
+                log.info("lineage.changed", lineage=name, links="settled")
+                ready = True
+                settled.add(name)
+                self._dirty.discard(key)
+        if ready:
+            self._pass(now, settled)
+
+    def _reconcile(self, now: float, reason: str) -> None:
+        log.info("reconcile.started", reason=reason)
+        self._reconcile_reason = None
+        interval = self.runtime.settings.daemon.reconcile_interval_seconds
+        self._next_reconcile = now + interval
+        quiet = self.runtime.settings.reload.debounce_seconds
+        settled = {
+            key.removeprefix(LINEAGE_PREFIX)
+            for key in self._dirty.touched
+            if key.startswith(LINEAGE_PREFIX)
+            and self._dirty.quiet_since(key, now) >= quiet
+        }
+        self._pass(now, settled)
+        for name in settled:
+            self._dirty.discard(LINEAGE_PREFIX + name)
+        self._dirty.discard(PROSODY_KEY)
+
+    def _pass(self, now: float, settled: set[str]) -> Report:
+        report = self.runtime.synchronizer.run(settled=settled)
+        self._hosts.update(report.hosts)
+        for name in report.pending:
+            key = LINEAGE_PREFIX + name
+            if key not in self._dirty.touched:
+                self._dirty.mark(key, now)
+        if report.changed:
+            self.runtime.reload.request(now)
+        return report
+
+    def _start_reload(self, now: float) -> None:
+        debounce = self.runtime.reload
+        if self._reload_thread is not None or not debounce.is_due(now):
+            return
+        if self._backoff.is_waiting(now):
+            return
+        debounce.clear()
+        settings = self.runtime.settings.reload
+        thread = threading.Thread(
+            target=self._reload_worker,
+            args=(settings.command, settings.timeout_seconds),
+            name="certwatchd-reload",
+            daemon=True,
+        )
+        self._reload_thread = thread
+        thread.start()
+
+    def _reload_worker(self, command: tuple[str, ...], timeout: float) -> None:
+        self._reload_result = run_reload(command, timeout)
+        self._wakeup.wake()
+
+    def _finish_reload(self, now: float) -> None:
+        thread = self._reload_thread
+        if thread is None or thread.is_alive():
+            return
+        thread.join()
+        self._reload_thread = None
+        result = self._reload_result
+        if result is None:
+            return
+        if result.ok:
+            self._backoff.succeeded()
+            self._last_reload = f"ok at {_clock_time()}"
+            return
+        delay = self._backoff.failed(now)
+        self._last_reload = f"failed at {_clock_time()}"
+        self.runtime.reload.request(now)
+        log.error(
+            "reload.retry_scheduled",
+            in_seconds=round(delay, 1),
+            failures=self._backoff.failures,
+        )
+
+    def _check_expiry(self) -> None:
+        now = self._clock()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRY_CHECK_SECONDS
+        expiry = self.runtime.settings.expiry
+        today = datetime.now(UTC)
+        for host, not_after in sorted(self._hosts.items()):
+            days = (not_after - today).days
+            if days < expiry.critical_days:
+                log.error("cert.expiring", host=host, days_left=days)
+            elif days < expiry.warn_days:
+                log.warning("cert.expiring", host=host, days_left=days)
+
+    def _ping(self) -> None:
+        """Ping systemd's watchdog if due and the observer is alive."""
+        if self._watchdog_every is None or self._runtime is None:
+            return
+        now = self._clock()
+        if now - self._last_ping < self._watchdog_every:
+            return
+        if not self.runtime.watcher.is_alive():
+            return
+        self._last_ping = now
+        self._notifier.watchdog()
+
+    def _sleep_for(self) -> float:
+        now = self._clock()
+        quiet = self.runtime.settings.reload.debounce_seconds
+        candidates = [
+            now + TICK_SECONDS,
+            self._next_reconcile,
+            self._dirty.next_quiet(quiet),
+            self.runtime.reload.due_at(),
+            self._backoff.retry_at,
+        ]
+        if self._watchdog_every is not None:
+            candidates.append(self._last_ping + self._watchdog_every)
+        wake_at = min(c for c in candidates if c is not None)
+        return max(wake_at - now, 0.0)
+
+    def _reread_settings(self) -> None:
+        self._notifier.reloading()
+        log.info("daemon.reloading_settings")
+        old = self.runtime
+        try:
+            runtime = self._build(load_settings(self._config))
+        except ConfigError as exc:
+            log.error(
+                "daemon.settings_rejected",
+                error=str(exc),
+                consequence="keeping the previous settings",
+            )
+            logs.configure(old.settings.log.level, old.settings.log.format)
+        else:
+            old.watcher.stop()
+            runtime.reload.first = old.reload.first
+            runtime.reload.last = old.reload.last
+            self._runtime = runtime
+            runtime.watcher.start()
+            self._hosts = {}
+        self._reconcile(self._clock(), "settings re-read")
+        self._notifier.ready(self._status())
+
+    def _status(self) -> str:
+        if not self._hosts:
+            soonest = "no hosts installed"
+        else:
+            host, not_after = min(self._hosts.items(), key=lambda i: i[1])
+            days = (not_after - datetime.now(UTC)).days
+            soonest = f"soonest expiry {host} in {days} days"
+        text = f"{len(self._hosts)} hosts, {soonest}, "
+        text += f"last reload {self._last_reload}"
+        if self._runtime is not None and self.runtime.watcher.limited:
+            text += ", inotify limit reached"
+        return text
+
+
+def _clock_time() -> str:
+    return datetime.now(UTC).strftime("%H:%M:%SZ")
+
+
+def serve(config: Path | None) -> int:
+    """Run the daemon with the settings at ``config``."""
+    return Daemon(config).serve()
