@@ -12,6 +12,7 @@ import os
 import re
 import ssl
 import stat
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -21,6 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.verification import (
     PolicyBuilder,
     Store,
@@ -243,14 +245,15 @@ def dns_names(leaf: x509.Certificate, path: Path) -> tuple[str, ...]:
         raise PairError(str(path), msg) from None
 
     if not names:
-        raise PairError(str(path), "has no DNS name in subjectAltName")
+        msg = "has no DNS name in subjectAltName"
+        raise PairError(str(path), msg, breaks_tls=False)
     for name in names:
         if not is_dns_name(name, allow_wildcard=True):
             msg = (
                 f"names {name!r} in subjectAltName, which is not a"
                 " lower-case DNS name"
             )
-            raise PairError(str(path), msg)
+            raise PairError(str(path), msg, breaks_tls=False)
     return tuple(dict.fromkeys(names))
 
 
@@ -267,7 +270,12 @@ class TrustStore:
             return cls(None)
         path = Path(trust) if trust != "system" else _system_bundle()
         try:
-            roots = x509.load_pem_x509_certificates(path.read_bytes())
+            with warnings.catch_warnings():
+                # Some distributions' bundles hold a legacy root with a
+                # negative serial; cryptography warns about it, and it is
+                # not ours to fix.
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                roots = x509.load_pem_x509_certificates(path.read_bytes())
         except (OSError, ValueError) as exc:
             msg = (
                 f"trusted roots {path} cannot be loaded ({exc});"
@@ -297,7 +305,7 @@ class TrustStore:
             verifier.verify(certs.leaf, list(certs.chain))
         except VerificationError as exc:
             msg = f"has a chain that does not verify: {exc}"
-            raise PairError(str(path), msg) from None
+            raise PairError(str(path), msg, breaks_tls=False) from None
 
 
 def _system_bundle() -> Path:
@@ -374,10 +382,10 @@ def load_pair(
     leaf = certs.leaf
     if now < leaf.not_valid_before_utc:
         msg = f"is not valid before {leaf.not_valid_before_utc.isoformat()}"
-        raise PairError(str(cert_path), msg)
+        raise PairError(str(cert_path), msg, breaks_tls=False)
     if now > leaf.not_valid_after_utc:
         msg = f"expired at {leaf.not_valid_after_utc.isoformat()}"
-        raise PairError(str(cert_path), msg)
+        raise PairError(str(cert_path), msg, breaks_tls=False)
 
     names = dns_names(leaf, cert_path)
     trust.verify(certs, names[0], now, cert_path)

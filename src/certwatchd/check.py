@@ -72,6 +72,7 @@ class CheckReport:
     status: str = "OK"
     exit_code: int = 0
     summary: str = ""
+    last_verification: dict[str, object] | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Return the report as a JSON-ready dictionary."""
@@ -138,8 +139,19 @@ def check(
         pairs.append(report)
 
     worst = max((Status[p.status] for p in pairs), default=Status.WARNING)
+    verification = installer.state.last_verification()
+    summary = _summary(pairs, certs_dir)
+    if verification is not None and not verification.get("ok"):
+        level = (
+            Status.WARNING
+            if verification.get("recovered")
+            else (Status.CRITICAL)
+        )
+        worst = max(worst, level)
+        summary += ", the last verification after a reload failed"
     result = CheckReport(str(certs_dir), pairs, worst.name, int(worst))
-    result.summary = _summary(pairs, certs_dir)
+    result.summary = summary
+    result.last_verification = verification
     return result
 
 

@@ -19,8 +19,8 @@ from certwatchd.config import (
     resolve_ownership,
 )
 from certwatchd.errors import CertwatchdError, ConfigError
-from certwatchd.reload import run_reload
 from certwatchd.sync import Synchronizer
+from certwatchd.verification import reload_and_verify
 
 log = structlog.get_logger()
 
@@ -116,8 +116,10 @@ def _sync(args: argparse.Namespace) -> int:
         report = synchronizer.run(dry_run=args.dry_run)
         reloaded = True
         if report.changed and not args.dry_run:
-            reload = settings.reload
-            reloaded = run_reload(reload.command, reload.timeout_seconds).ok
+            # A broken pair left beside ours would be loaded by this reload.
+            for source, error in report.broken:
+                synchronizer.quarantine(source, error)
+            reloaded = reload_and_verify(settings, synchronizer).ok
     except CertwatchdError as exc:
         log.error("sync.failed", error=str(exc))
         return EX_FAILED

@@ -8,6 +8,7 @@ names the key, the value and what was expected.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -140,6 +141,8 @@ class Reload(_Section):
     timeout_seconds: float = Field(default=30.0, gt=0)
     debounce_seconds: float = Field(default=2.0, ge=0)
     max_delay_seconds: float = Field(default=30.0, gt=0)
+    retry_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
 
     @field_validator("command")
     @classmethod
@@ -184,6 +187,44 @@ class Daemon(_Section):
     """The long-running watcher."""
 
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
+    quarantine_after_seconds: float = Field(default=10.0, ge=0)
+
+
+class Endpoint(_Section):
+    """One place Prosody serves a host's certificate, to check after reload."""
+
+    host: str
+    address: str = "127.0.0.1"
+    port: int = Field(default=5222, ge=1, le=65535)
+    mode: Literal["xmpp-client", "xmpp-server", "tls"] = "xmpp-client"
+
+    @field_validator("host")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        if not is_dns_name(value):
+            msg = f"{value!r} is not a lower-case DNS name"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _ip_literal(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            msg = (
+                f"{value!r} is not an IP address; verification connects"
+                " only to addresses given literally, such as 127.0.0.1"
+            )
+            raise ValueError(msg) from None
+        return value
+
+
+class Verify(_Section):
+    """Checking that Prosody serves what was installed."""
+
+    endpoints: tuple[Endpoint, ...] = ()
+    timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -204,6 +245,7 @@ class Settings(BaseSettings):
     state: State = State()
     log: Log = Log()
     daemon: Daemon = Daemon()
+    verify: Verify = Verify()
 
     @classmethod
     def settings_customise_sources(
@@ -300,6 +342,7 @@ def _describe(exc: ValidationError, path: Path) -> str:
     )
 
     if error["type"] == "extra_forbidden":
-        return f"{origin}: unknown key {key!r}"
+        kind = "section" if len(error["loc"]) == 1 else "key"
+        return f"{origin}: unknown {kind} {key!r}"
     reason = error["msg"].removeprefix("Value error, ")
     return f"{origin}: {key} = {error['input']!r}: {reason}"

@@ -24,12 +24,12 @@ import structlog
 from certwatchd import __version__, logs
 from certwatchd.certificate import TrustStore
 from certwatchd.config import Settings, load_settings, resolve_ownership
-from certwatchd.errors import ConfigError
+from certwatchd.errors import ConfigError, PairError
 from certwatchd.notify import Notifier, watchdog_interval
 from certwatchd.queue import Backoff, Debounce, DirtySet
-from certwatchd.reload import ReloadResult, run_reload
-from certwatchd.sources import Pending, read_lineage
+from certwatchd.sources import Pending, Source, read_lineage
 from certwatchd.sync import Report, Synchronizer
+from certwatchd.verification import Verdict, reload_and_verify
 from certwatchd.watcher import Watcher
 
 log = structlog.get_logger()
@@ -97,7 +97,9 @@ class Daemon:
         self._dirty = DirtySet()
         self._backoff = Backoff()
         self._reload_thread: threading.Thread | None = None
-        self._reload_result: ReloadResult | None = None
+        self._verdict: Verdict | None = None
+        self._last_verify = ""
+        self._broken: dict[str, tuple[float, Source, PairError]] = {}
         self._last_reload = "none yet"
         self._hosts: dict[str, datetime] = {}
         self._watchdog_every = watchdog_interval()
@@ -149,6 +151,8 @@ class Daemon:
             settings.reload.max_delay_seconds,
         )
         synchronizer.installer.remove_stale()
+        self._backoff.initial = settings.reload.retry_seconds
+        self._backoff.ceiling = settings.reload.retry_max_seconds
         return _Runtime(settings, synchronizer, watcher, debounce)
 
     def _install_signal_handlers(self) -> None:
@@ -195,6 +199,7 @@ class Daemon:
         else:
             self._process_dirty(now)
 
+        self._quarantine_broken(now)
         self._finish_reload(now)
         self._start_reload(now)
         self._check_expiry()
@@ -271,7 +276,27 @@ class Daemon:
                 self._dirty.mark(key, now)
         if report.changed:
             self.runtime.reload.request(now)
+        seen = {}
+        for source, error in report.broken:
+            key = f"{source.key}:{error.reason}"
+            first = self._broken.get(key, (now, source, error))[0]
+            seen[key] = (first, source, error)
+        self._broken = seen
         return report
+
+    def _quarantine_broken(self, now: float) -> None:
+        """Move broken hand-placed pairs out of Prosody's reach.
+
+        After a grace period (the operator may still be copying files in),
+        or at once when a reload is about to run, since that reload would
+        load them.
+        """
+        grace = self.runtime.settings.daemon.quarantine_after_seconds
+        reloading = self.runtime.reload.is_due(now)
+        for key, (first, source, error) in list(self._broken.items()):
+            if reloading or now - first >= grace:
+                self.runtime.synchronizer.quarantine(source, error)
+                del self._broken[key]
 
     def _start_reload(self, now: float) -> None:
         debounce = self.runtime.reload
@@ -280,18 +305,19 @@ class Daemon:
         if self._backoff.is_waiting(now):
             return
         debounce.clear()
-        settings = self.runtime.settings.reload
         thread = threading.Thread(
             target=self._reload_worker,
-            args=(settings.command, settings.timeout_seconds),
+            args=(self.runtime.settings, self.runtime.synchronizer),
             name="certwatchd-reload",
             daemon=True,
         )
         self._reload_thread = thread
         thread.start()
 
-    def _reload_worker(self, command: tuple[str, ...], timeout: float) -> None:
-        self._reload_result = run_reload(command, timeout)
+    def _reload_worker(
+        self, settings: Settings, synchronizer: Synchronizer
+    ) -> None:
+        self._verdict = reload_and_verify(settings, synchronizer)
         self._wakeup.wake()
 
     def _finish_reload(self, now: float) -> None:
@@ -300,10 +326,11 @@ class Daemon:
             return
         thread.join()
         self._reload_thread = None
-        result = self._reload_result
-        if result is None:
+        verdict, self._verdict = self._verdict, None
+        if verdict is None:
             return
-        if result.ok:
+        self._note_verification(verdict)
+        if verdict.reload.ok:
             self._backoff.succeeded()
             self._last_reload = f"ok at {_clock_time()}"
             return
@@ -315,6 +342,17 @@ class Daemon:
             in_seconds=round(delay, 1),
             failures=self._backoff.failures,
         )
+
+    def _note_verification(self, verdict: Verdict) -> None:
+        if not verdict.outcomes:
+            return
+        if verdict.ok:
+            self._last_verify = f", verified at {_clock_time()}"
+        elif verdict.recovered:
+            hosts = ",".join(verdict.rolled_back)
+            self._last_verify = f", verify failed, rolled back {hosts}"
+        else:
+            self._last_verify = f", VERIFY FAILED at {_clock_time()}"
 
     def _check_expiry(self) -> None:
         now = self._clock()
@@ -388,7 +426,7 @@ class Daemon:
             days = (not_after - datetime.now(UTC)).days
             soonest = f"soonest expiry {host} in {days} days"
         text = f"{len(self._hosts)} hosts, {soonest}, "
-        text += f"last reload {self._last_reload}"
+        text += f"last reload {self._last_reload}{self._last_verify}"
         if self._runtime is not None and self.runtime.watcher.limited:
             text += ", inotify limit reached"
         return text

@@ -14,12 +14,22 @@ class ConfigError(CertwatchdError):
 
 
 class PairError(CertwatchdError):
-    """A certificate/key pair is refused; nothing is installed from it."""
+    """A certificate/key pair is refused; nothing is installed from it.
 
-    def __init__(self, path: str, reason: str) -> None:
+    ``breaks_tls`` says whether Prosody itself would fail to use the pair
+    (unreadable, not PEM, a key that does not match): such a pair left in
+    Prosody's directory can take TLS down at the next reload. A pair that
+    is merely untrusted (expired, a chain that does not verify, odd
+    names) still loads in Prosody.
+    """
+
+    def __init__(
+        self, path: str, reason: str, *, breaks_tls: bool = True
+    ) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.breaks_tls = breaks_tls
 
 
 class InstallError(CertwatchdError):

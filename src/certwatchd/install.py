@@ -31,7 +31,12 @@ from typing import Literal
 
 import structlog
 
-from certwatchd.certificate import read_small_file
+from certwatchd.certificate import (
+    parse_certificates,
+    parse_private_key,
+    read_small_file,
+    same_public_key,
+)
 from certwatchd.config import Ownership
 from certwatchd.errors import InstallError, PairError
 from certwatchd.state import StateDir
@@ -148,15 +153,21 @@ class Installer:
         finally:
             os.close(fd)
 
-    def install(self, contents: Iterable[Content]) -> list[str]:
+    def install(
+        self, contents: Iterable[Content], *, keep_previous: bool = True
+    ) -> list[str]:
         """Install each host's content; return the hosts now installed.
 
         A host that fails raises nothing: its old files stay as they were,
         the failure is logged, and the host is left out of the result.
+        With ``keep_previous`` a matching pair being replaced is kept in
+        the state directory, for a rollback.
         """
         batch = _Batch()
         staged = []
         for content in contents:
+            if keep_previous:
+                self._keep_previous(content.host)
             try:
                 staged.append(self._stage(content, batch))
             except InstallError as exc:
@@ -185,6 +196,20 @@ class Installer:
             done.append(step.host)
         batch.sync_directories()
         return done
+
+    def _keep_previous(self, host: str) -> None:
+        cert_path, key_path = self.paths(host)
+        cert_pem = _read_or_none(cert_path)
+        key_pem = _read_or_none(key_path)
+        if cert_pem is None or key_pem is None:
+            return
+        try:
+            certs = parse_certificates(cert_pem, cert_path)
+            key = parse_private_key(key_pem, key_path)
+        except PairError:
+            return
+        if same_public_key(key, certs.leaf):
+            self.state.keep_previous(host, cert_pem, key_pem)
 
     def _stage(self, content: Content, batch: _Batch) -> _Step:
         if self.layout == "flat":

@@ -36,6 +36,7 @@ class StateDir:
         self.path = path
         self._certs_dir = certs_dir
         self._written: dict[str, str] = {}
+        self._rejected: dict[str, list[str]] = {}
         self._loaded = False
 
     def load(self) -> None:
@@ -44,6 +45,7 @@ class StateDir:
         try:
             data = json.loads((self.path / _RECORD).read_bytes())
             written = data["written"]
+            rejected = data.get("rejected", {})
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -55,6 +57,12 @@ class StateDir:
             return
         if isinstance(written, dict):
             self._written = {str(k): str(v) for k, v in written.items()}
+        if isinstance(rejected, dict):
+            self._rejected = {
+                str(host): [str(f) for f in fingerprints]
+                for host, fingerprints in rejected.items()
+                if isinstance(fingerprints, list)
+            }
 
     def _relative(self, path: Path) -> str:
         return os.path.relpath(path, self._certs_dir)
@@ -81,17 +89,29 @@ class StateDir:
         """Drop ``path`` from the record."""
         self._written.pop(self._relative(path), None)
 
+    def rejected(self, host: str) -> set[str]:
+        """Fingerprints Prosody failed to serve for ``host`` after a reload."""
+        if not self._loaded:
+            self.load()
+        return set(self._rejected.get(host, ()))
+
+    def reject(self, host: str, fingerprint: str) -> None:
+        """Never install the certificate ``fingerprint`` for ``host`` again."""
+        if not self._loaded:
+            self.load()
+        known = self._rejected.setdefault(host, [])
+        if fingerprint not in known:
+            known.append(fingerprint)
+
     def save(self) -> None:
         """Write the record atomically; a failure is logged, not raised."""
-        document = json.dumps({"version": 1, "written": self._written})
+        document = {
+            "version": 1,
+            "written": self._written,
+            "rejected": self._rejected,
+        }
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temporary = self.path / f".{_RECORD}.tmp"
-            with temporary.open("w", encoding="utf-8") as handle:
-                handle.write(document)
-                handle.flush()
-                os.fsync(handle.fileno())
-            temporary.replace(self.path / _RECORD)
+            self._write(_RECORD, json.dumps(document).encode())
         except OSError as exc:
             log.warning(
                 "state.unwritable",
@@ -100,6 +120,81 @@ class StateDir:
                 consequence="files certwatchd wrote will be backed up "
                 "again before their next replacement",
             )
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write ``state/<name>`` privately and atomically."""
+        target = self.path / name
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        fd = os.open(temporary, flags | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        temporary.replace(target)
+
+    def keep_previous(
+        self, host: str, cert_pem: bytes, key_pem: bytes
+    ) -> None:
+        """Keep the pair being replaced, to restore if Prosody rejects it."""
+        try:
+            self._write(f"previous/{host}/privkey.pem", key_pem)
+            self._write(f"previous/{host}/fullchain.pem", cert_pem)
+        except OSError as exc:
+            log.warning(
+                "state.previous_not_kept",
+                host=host,
+                error=exc.strerror,
+                consequence="no rollback possible for this host",
+            )
+
+    def previous(self, host: str) -> tuple[bytes, bytes] | None:
+        """Return the kept ``(certificates, key)`` of ``host``, if any."""
+        directory = self.path / "previous" / host
+        try:
+            return (
+                (directory / "fullchain.pem").read_bytes(),
+                (directory / "privkey.pem").read_bytes(),
+            )
+        except OSError:
+            return None
+
+    def record_verification(self, document: dict[str, object]) -> None:
+        """Keep the last verification's outcome for ``certwatchd check``."""
+        try:
+            self._write("verification.json", json.dumps(document).encode())
+        except OSError as exc:
+            log.warning(
+                "state.unwritable", path=str(self.path), error=exc.strerror
+            )
+
+    def last_verification(self) -> dict[str, object] | None:
+        """Return the last verification's outcome, if one was recorded."""
+        try:
+            data = json.loads((self.path / "verification.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def quarantine(self, paths: list[Path]) -> Path:
+        """Move a broken hand-placed pair out of Prosody's reach.
+
+        The files go under ``quarantine/`` in the state directory, keeping
+        their names; nothing is deleted. Raises :class:`InstallError` if
+        they cannot be moved.
+        """
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        destination = self.path / "quarantine" / stamp
+        try:
+            destination.mkdir(mode=0o700, parents=True)
+            for path in paths:
+                shutil.move(path, destination / path.name)
+        except OSError as exc:
+            msg = f"cannot move {paths[0]} to {destination}: {exc.strerror}"
+            raise InstallError(msg) from None
+        return destination
 
     def back_up(self, path: Path) -> Path:
         """Copy a hand-placed file or directory under ``backups/``.

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from certwatchd.certificate import Pair, TrustStore, load_pair
 from certwatchd.config import Ownership, Settings
@@ -55,6 +58,8 @@ class Plan:
     refused: dict[str, str] = field(default_factory=dict)
     pending: list[Pending] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    broken: list[tuple[Source, PairError]] = field(default_factory=list)
+    serving: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Report:
     pending: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     hosts: dict[str, datetime] = field(default_factory=dict)
+    broken: list[tuple[Source, PairError]] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -108,17 +114,27 @@ class Synchronizer:
             self.state,
         )
         self._checked: dict[tuple[Path, Path], _Checked] = {}
+        # Host -> fingerprint of the leaf Prosody should serve for it.
+        self.expected: dict[str, str] = {}
+        # Held by every method that writes, so a rollback on the reload
+        # thread never interleaves with a pass.
+        self.lock = threading.RLock()
         self._reported: dict[str, str] = {}
 
     def run(
         self, *, dry_run: bool = False, settled: Collection[str] = ()
     ) -> Report:
         """Run one pass and return what it did (or would do)."""
+        with self.lock:
+            return self._run(dry_run=dry_run, settled=settled)
+
+    def _run(self, *, dry_run: bool, settled: Collection[str]) -> Report:
         plan = self.plan(settled=settled)
         report = Report(
             refused=dict(plan.refused),
             pending=[item.name for item in plan.pending],
             hosts={c.host: c.pair.not_after for c in plan.choices},
+            broken=list(plan.broken),
         )
         if dry_run:
             for choice in plan.choices:
@@ -131,6 +147,10 @@ class Synchronizer:
             return report
 
         self._apply(plan, report)
+        self.expected.update(plan.serving)
+        for choice in plan.choices:
+            if not choice.write or choice.host in report.installed:
+                self.expected[choice.host] = choice.pair.fingerprint
         return report
 
     def plan(self, *, settled: Collection[str] = ()) -> Plan:
@@ -148,6 +168,8 @@ class Synchronizer:
             except PairError as exc:
                 plan.refused[str(exc.path)] = exc.reason
                 self._report_refusal(source, exc)
+                if source.origin == "prosody" and exc.breaks_tls:
+                    plan.broken.append((source, exc))
             else:
                 self._reported.pop(source.key, None)
 
@@ -162,6 +184,15 @@ class Synchronizer:
     def _discover(self, plan: Plan, settled: Collection[str]) -> list[Source]:
         found: list[Source] = []
         live = self.settings.sources.letsencrypt_live
+        for root in (live, self.settings.sources.prosody_certs):
+            if not root.is_dir():
+                self._once(
+                    str(root),
+                    "source.missing",
+                    "warning",
+                    path=str(root),
+                    consequence="nothing found there until it exists",
+                )
         for name in list_lineages(live):
             item = read_lineage(live, name, settled=name in settled)
             if isinstance(item, Pending):
@@ -200,7 +231,7 @@ class Synchronizer:
             pair = cached.pair
             if now > pair.not_after:
                 msg = f"expired at {pair.not_after.isoformat()}"
-                raise PairError(str(source.cert_path), msg)
+                raise PairError(str(source.cert_path), msg, breaks_tls=False)
             return pair
 
         pair = load_pair(source.cert_path, source.key_path, self.trust, now)
@@ -245,11 +276,26 @@ class Synchronizer:
         valid: dict[str, tuple[Source, Pair]],
         now: datetime,
     ) -> None:
+        rejected = self.state.rejected(host)
         covering = [
             (source, pair)
             for source, pair in valid.values()
             if any(covers(name, host) for name in pair.names)
         ]
+        if rejected and any(p.fingerprint in rejected for _, p in covering):
+            covering = [
+                c for c in covering if c[1].fingerprint not in rejected
+            ]
+            if not covering:
+                self._once(
+                    host,
+                    "cert.rejected_skipped",
+                    "error",
+                    host=host,
+                    reason="Prosody did not serve it after a reload; "
+                    "keeping the installed pair until certbot renews",
+                )
+                return
         if not covering:
             self._once(host, "host.uncovered", "warning", host=host)
             return
@@ -264,6 +310,7 @@ class Synchronizer:
 
         cert_path, key_path = self.installer.paths(host)
         if source.cert_path == cert_path:
+            plan.serving[host] = pair.fingerprint
             return
         content = Content(host, pair.certs.pem, pair.key_pem)
         write = self.installer.needs_write(content)
@@ -271,6 +318,7 @@ class Synchronizer:
             installed = self._installed_pair(host, now)
             if installed is not None and installed.not_after > pair.not_after:
                 plan.kept.append(host)
+                plan.serving[host] = installed.fingerprint
                 self._once(
                     host,
                     "cert.kept_installed",
@@ -350,6 +398,65 @@ class Synchronizer:
         report.failed.extend(sorted(set(writes) - set(done)))
         if done:
             self.state.save()
+
+    def quarantine(self, source: Source, error: PairError) -> None:
+        """Move a broken hand-placed pair out of Prosody's directory."""
+        if (
+            source.cert_path.parent
+            == source.key_path.parent
+            != (self.settings.sources.prosody_certs)
+        ):
+            paths = [source.cert_path.parent]
+        else:
+            paths = [source.cert_path, source.key_path]
+        try:
+            destination = self.state.quarantine(paths)
+        except InstallError as exc:
+            log.error("cert.quarantine_failed", path=exc.args[0])
+            return
+        log.error(
+            "cert.quarantined",
+            path=str(source.shown),
+            reason=error.reason,
+            moved_to=str(destination),
+            why="Prosody would load it at its next reload and lose TLS",
+        )
+
+    def reject(self, host: str, fingerprint: str) -> None:
+        """Never install ``fingerprint`` for ``host`` again."""
+        with self.lock:
+            self.state.reject(host, fingerprint)
+            self.state.save()
+
+    def roll_back(self, hosts: Collection[str]) -> list[str]:
+        """Reinstall each host's previous pair; return the hosts restored."""
+        with self.lock:
+            return self._roll_back(hosts)
+
+    def _roll_back(self, hosts: Collection[str]) -> list[str]:
+        contents = []
+        for host in sorted(hosts):
+            previous = self.state.previous(host)
+            if previous is None:
+                log.error(
+                    "rollback.impossible",
+                    host=host,
+                    reason="no previous pair kept",
+                )
+                continue
+            contents.append(Content(host, *previous))
+        restored = self.installer.install(contents, keep_previous=False)
+        if restored:
+            self.state.save()
+        for content in contents:
+            if content.host not in restored:
+                continue
+            leaf = x509.load_pem_x509_certificate(content.cert_pem)
+            self.expected[content.host] = leaf.fingerprint(
+                hashes.SHA256()
+            ).hex()
+            log.warning("rollback.installed", host=content.host)
+        return restored
 
 
 def _nothing() -> None:
