@@ -216,7 +216,9 @@ def _judge_files(
 ) -> None:
     _describe_files(judgement.report, cert, key)
     for path, is_key in ((cert, False), (key, True)):
-        wrong = installer.wrong_attributes(path, key=is_key)
+        wrong = installer.wrong_attributes(
+            path, installer.mode_for(key=is_key)
+        )
         if wrong:
             judgement.problem(Status.WARNING, f"{path.name}: {wrong}")
     try:

@@ -42,6 +42,9 @@ ENV_CONFIG = "CERTWATCHD_CONFIG"
 
 def _parse_mode(value: object) -> object:
     """Read a file mode: an integer (TOML ``0o640``) or an octal string."""
+    if isinstance(value, bool):
+        msg = f"expected an octal mode such as 0o640, got {value!r}"
+        raise ValueError(msg)  # noqa: TRY004 - pydantic wants ValueError
     if isinstance(value, str):
         text = value.strip().lower().removeprefix("0o")
         if not re.fullmatch(r"[0-7]{1,4}", text):
@@ -287,6 +290,7 @@ def load_settings(argument: Path | None = None) -> Settings:
     """
     path, required = config_path(argument)
     table = _read_toml(path, required=required)
+    _check_environment()
 
     try:
         return Settings(**table)
@@ -309,6 +313,26 @@ def resolve_ownership(settings: Settings) -> Ownership:
         msg = f"group {group!r} does not exist (install.group)"
         raise ConfigError(msg) from None
     return Ownership(uid=uid, gid=gid)
+
+
+def _check_environment() -> None:
+    """Refuse ``CERTWATCHD_`` variables that name no section.
+
+    pydantic-settings only looks up the variables of known sections, so a
+    misspelt section would otherwise be ignored without a word.
+    """
+    sections = set(Settings.model_fields)
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        section, _, key = name.removeprefix(ENV_PREFIX).partition("__")
+        if section.lower() not in sections or not key:
+            msg = (
+                f"environment variable {name}: unknown section"
+                f" {section.lower()!r}; expected CERTWATCHD_<SECTION>__<KEY>"
+                f" with a section among {', '.join(sorted(sections))}"
+            )
+            raise ConfigError(msg)
 
 
 def _read_toml(path: Path, *, required: bool) -> dict[str, Any]:
@@ -345,4 +369,10 @@ def _describe(exc: ValidationError, path: Path) -> str:
         kind = "section" if len(error["loc"]) == 1 else "key"
         return f"{origin}: unknown {kind} {key!r}"
     reason = error["msg"].removeprefix("Value error, ")
-    return f"{origin}: {key} = {error['input']!r}: {reason}"
+    value = error["input"]
+    shown = (
+        f"{value:#o}"
+        if key.endswith("_mode") and type(value) is int
+        else repr(value)
+    )
+    return f"{origin}: {key} = {shown}: {reason}"

@@ -194,7 +194,11 @@ class Daemon:
         self._collect_events(now)
         if self.runtime.watcher.ensure():
             self._reconcile_reason = self._reconcile_reason or "watch changed"
-        if self._reconcile_reason or now >= self._next_reconcile:
+        if self._reload_thread is not None:
+            # Hold installs back while Prosody is reloaded and probed: a
+            # change now would blur what the probe compares against.
+            pass
+        elif self._reconcile_reason or now >= self._next_reconcile:
             self._reconcile(now, self._reconcile_reason or "timer")
         else:
             self._process_dirty(now)
@@ -222,45 +226,61 @@ class Daemon:
         """Run a pass if a touched source is ready.
 
         A lineage is ready as soon as its links are consistent, or once it
-        has been quiet for ``debounce_seconds``; Prosody's directory once
-        it has been quiet, so a file being copied in is not read half
-        written.
+        has been quiet long enough to be read as it is; Prosody's
+        directory once it has been quiet, so a file being copied in is not
+        read half written.
         """
         quiet = self.runtime.settings.reload.debounce_seconds
-        live = self.runtime.settings.sources.letsencrypt_live
         ready = False
         settled = set()
         for key in self._dirty.ordered():
-            calm = self._dirty.quiet_since(key, now) >= quiet
             if key == PROSODY_KEY:
-                if calm:
+                if self._dirty.quiet_since(key, now) >= quiet:
                     ready = True
                     self._dirty.discard(key)
                 continue
             name = key.removeprefix(LINEAGE_PREFIX)
-            if not isinstance(read_lineage(live, name), Pending):
-                log.info("lineage.changed", lineage=name, links="consistent")
-                ready = True
-                self._dirty.discard(key)
-            elif calm:
-                log.info("lineage.changed", lineage=name, links="settled")
-                ready = True
+            state = self._lineage_state(name, now)
+            if state == "waiting":
+                continue
+            log.info("lineage.changed", lineage=name, links=state)
+            ready = True
+            self._dirty.discard(key)
+            if state == "settled":
                 settled.add(name)
-                self._dirty.discard(key)
         if ready:
             self._pass(now, settled)
+
+    def _lineage_state(self, name: str, now: float) -> str:
+        """Say whether a touched lineage is consistent, settled or waiting.
+
+        A lineage caught mid-renewal is read as it is ("settled") after
+        ``debounce_seconds`` of quiet; while certbot's ``previous_*``
+        links show it is between swaps, after ``max_delay_seconds``.
+        """
+        reload = self.runtime.settings.reload
+        item = read_lineage(
+            self.runtime.settings.sources.letsencrypt_live, name
+        )
+        if not isinstance(item, Pending):
+            return "consistent"
+        patience = reload.debounce_seconds
+        if item.swapping:
+            patience = max(patience, reload.max_delay_seconds)
+        quiet = self._dirty.quiet_since(LINEAGE_PREFIX + name, now)
+        return "settled" if quiet >= patience else "waiting"
 
     def _reconcile(self, now: float, reason: str) -> None:
         log.info("reconcile.started", reason=reason)
         self._reconcile_reason = None
         interval = self.runtime.settings.daemon.reconcile_interval_seconds
         self._next_reconcile = now + interval
-        quiet = self.runtime.settings.reload.debounce_seconds
         settled = {
             key.removeprefix(LINEAGE_PREFIX)
             for key in self._dirty.touched
             if key.startswith(LINEAGE_PREFIX)
-            and self._dirty.quiet_since(key, now) >= quiet
+            and self._lineage_state(key.removeprefix(LINEAGE_PREFIX), now)
+            == "settled"
         }
         self._pass(now, settled)
         for name in settled:

@@ -31,12 +31,7 @@ from typing import Literal
 
 import structlog
 
-from certwatchd.certificate import (
-    parse_certificates,
-    parse_private_key,
-    read_small_file,
-    same_public_key,
-)
+from certwatchd.certificate import read_small_file
 from certwatchd.config import Ownership
 from certwatchd.errors import InstallError, PairError
 from certwatchd.state import StateDir
@@ -110,13 +105,16 @@ class Installer:
             _read_or_none(key_path) != content.key_pem
         )
 
-    def wrong_attributes(self, path: Path, *, key: bool) -> str | None:
+    def mode_for(self, *, key: bool) -> int:
+        """Return the configured mode of a key or a certificate."""
+        return self.modes.key_mode if key else self.modes.cert_mode
+
+    def wrong_attributes(self, path: Path, wanted: int) -> str | None:
         """Describe how ``path``'s owner or mode differ, or ``None``."""
         try:
             info = os.stat(path)
         except OSError:
             return None
-        wanted = self.modes.key_mode if key else self.modes.cert_mode
         problems = []
         if stat.S_IMODE(info.st_mode) != wanted:
             problems.append(
@@ -128,14 +126,13 @@ class Installer:
             problems.append(f"group gid {info.st_gid}")
         return "; ".join(problems) or None
 
-    def correct(self, path: Path, *, key: bool) -> None:
-        """Give an existing file its configured owner and mode in place.
+    def correct(self, path: Path, wanted: int) -> None:
+        """Give an existing file or directory its owner and mode in place.
 
         The mode is first narrowed to what both the old and new modes
         allow, so changing the group never widens access for an instant.
         A symlink is not followed: it may lead outside the directory.
         """
-        wanted = self.modes.key_mode if key else self.modes.cert_mode
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
@@ -177,7 +174,8 @@ class Installer:
         try:
             batch.barrier()
         except OSError as exc:
-            batch.discard()
+            for step in staged:
+                step.abort()
             log.error(
                 "install.failed",
                 hosts=len(staged),
@@ -198,18 +196,22 @@ class Installer:
         return done
 
     def _keep_previous(self, host: str) -> None:
+        """Keep the pair being replaced if certwatchd installed it.
+
+        Only a pair certwatchd wrote (and so validated) is kept: a pair
+        someone else put there is backed up, never restored by a rollback.
+        """
         cert_path, key_path = self.paths(host)
         cert_pem = _read_or_none(cert_path)
         key_pem = _read_or_none(key_path)
         if cert_pem is None or key_pem is None:
             return
-        try:
-            certs = parse_certificates(cert_pem, cert_path)
-            key = parse_private_key(key_pem, key_path)
-        except PairError:
+        if not (
+            self.state.is_ours(cert_path, cert_pem)
+            and self.state.is_ours(key_path, key_pem)
+        ):
             return
-        if same_public_key(key, certs.leaf):
-            self.state.keep_previous(host, cert_pem, key_pem)
+        self.state.keep_previous(host, cert_pem, key_pem)
 
     def _stage(self, content: Content, batch: _Batch) -> _Step:
         if self.layout == "flat":
@@ -230,6 +232,9 @@ class Installer:
                 self._back_up_if_placed_by_hand(path)
                 temporary = batch.write(path.parent, data, mode, self.modes)
                 step.renames.append((temporary, path, data))
+            link = self.certs_dir / content.host
+            if _is_our_link(link):
+                step.retired.append(link)
         except OSError as exc:
             step.abort()
             msg = f"cannot write into {self.certs_dir}: {exc.strerror}"
@@ -272,6 +277,11 @@ class Installer:
             if previous and previous.startswith(VERSION_PREFIX):
                 step.previous = self.certs_dir / previous
             batch.directories.add(self.certs_dir)
+            step.retired.extend(
+                path
+                for path in host_paths(self.certs_dir, "flat", content.host)
+                if self.state.is_ours(path)
+            )
         except OSError as exc:
             step.abort()
             msg = f"cannot write into {self.certs_dir}: {exc.strerror}"
@@ -301,7 +311,7 @@ class Installer:
         live_versions = {
             _link_target(Path(entry.path))
             for entry in entries
-            if entry.is_symlink()
+            if entry.is_symlink() and not entry.name.endswith(TEMP_SUFFIX)
         }
         for entry in entries:
             path = Path(entry.path)
@@ -331,18 +341,47 @@ class _Step:
         self.created: Path | None = None
         self.previous: Path | None = None
         self.displaced: Path | None = None
+        self.retired: list[Path] = []
 
     def commit(self) -> None:
+        """Rename the staged files into place and record them."""
         if self.displaced is not None:
             shutil.rmtree(self.displaced)
-        for temporary, target, data in self.renames:
-            os.rename(temporary, target)
+        self._rename_all()
+
+        for _, target, data in self.renames:
             if data is not None:
                 self.state.remember(target, data)
         for path, data in self.records:
             self.state.remember(path, data)
         if self.previous is not None:
             shutil.rmtree(self.previous, ignore_errors=True)
+        for path in self.retired:
+            _remove(path)
+
+    def _rename_all(self) -> None:
+        """Rename every staged file, or put back what was replaced.
+
+        If a later rename fails, the files an earlier one replaced are
+        restored, so a new key never stays beside an old certificate.
+        """
+        saved: list[tuple[Path, Path]] = []
+        try:
+            for index, (temporary, target, _) in enumerate(self.renames):
+                if index < len(self.renames) - 1 and os.path.lexists(target):
+                    keep = target.with_name(
+                        f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+                    )
+                    os.link(target, keep, follow_symlinks=False)
+                    saved.append((keep, target))
+                os.rename(temporary, target)
+        except OSError:
+            for keep, target in reversed(saved):
+                os.rename(keep, target)
+            raise
+        finally:
+            for keep, _ in saved:
+                keep.unlink(missing_ok=True)
 
     def abort(self) -> None:
         for temporary, _, _ in self.renames:
@@ -358,7 +397,6 @@ class _Batch:
     def __init__(self) -> None:
         self.files: list[int] = []
         self.directories: set[Path] = set()
-        self.temporaries: list[Path] = []
 
     def write(
         self, directory: Path, data: bytes, mode: int, modes: Modes
@@ -366,7 +404,6 @@ class _Batch:
         """Write ``data`` to a new temporary file in ``directory``."""
         path = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
         self.write_final(path, data, mode, modes)
-        self.temporaries.append(path)
         self.directories.add(directory)
         return path
 
@@ -402,11 +439,6 @@ class _Batch:
             for fd in self.files:
                 os.close(fd)
             self.files.clear()
-
-    def discard(self) -> None:
-        """Remove temporary files that will not be renamed."""
-        for path in self.temporaries:
-            path.unlink(missing_ok=True)
 
     def sync_directories(self) -> None:
         """Make the renames durable: one fsync per touched directory."""
@@ -458,3 +490,13 @@ def _link_target(path: Path) -> str | None:
 def _is_our_link(path: Path) -> bool:
     target = _link_target(path)
     return target is not None and target.startswith(VERSION_PREFIX)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or versioned directory certwatchd wrote."""
+    target = _link_target(path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    if target is not None and target.startswith(VERSION_PREFIX):
+        shutil.rmtree(path.parent / target, ignore_errors=True)
+    log.info("install.retired", path=str(path))

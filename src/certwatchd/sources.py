@@ -42,6 +42,7 @@ class Pending:
     name: str
     shown: Path
     reason: str
+    swapping: bool = False
 
     @property
     def key(self) -> str:
@@ -82,7 +83,8 @@ def read_lineage(
     if not settled:
         reason = _renewal_in_progress(directory, names)
         if reason:
-            return Pending(name, directory, reason)
+            swapping = any(n.startswith("previous_") for n in names)
+            return Pending(name, directory, reason, swapping=swapping)
     if "fullchain.pem" not in names or "privkey.pem" not in names:
         if not settled and names & {f"{link}.pem" for link in LINKS}:
             return Pending(

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from certwatchd.errors import InstallError
+from certwatchd.certificate import read_small_file
+from certwatchd.errors import InstallError, PairError
 
 log = structlog.get_logger()
 
@@ -76,18 +77,14 @@ class StateDir:
             return False
         if data is None:
             try:
-                data = path.read_bytes()
-            except OSError:
+                data = read_small_file(path)
+            except PairError:
                 return False
         return recorded == digest(data)
 
     def remember(self, path: Path, data: bytes) -> None:
         """Note that certwatchd wrote ``data`` to ``path``."""
         self._written[self._relative(path)] = digest(data)
-
-    def forget(self, path: Path) -> None:
-        """Drop ``path`` from the record."""
-        self._written.pop(self._relative(path), None)
 
     def rejected(self, host: str) -> set[str]:
         """Fingerprints Prosody failed to serve for ``host`` after a reload."""
@@ -121,8 +118,8 @@ class StateDir:
                 "again before their next replacement",
             )
 
-    def _write(self, name: str, data: bytes) -> None:
-        """Write ``state/<name>`` privately and atomically."""
+    def _write(self, name: str | Path, data: bytes) -> None:
+        """Write ``name`` (relative to the state directory) atomically."""
         target = self.path / name
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.tmp")
@@ -140,8 +137,9 @@ class StateDir:
     ) -> None:
         """Keep the pair being replaced, to restore if Prosody rejects it."""
         try:
-            self._write(f"previous/{host}/privkey.pem", key_pem)
-            self._write(f"previous/{host}/fullchain.pem", cert_pem)
+            cert_path, key_path = self.previous_paths(host)
+            self._write(key_path, key_pem)
+            self._write(cert_path, cert_pem)
         except OSError as exc:
             log.warning(
                 "state.previous_not_kept",
@@ -150,16 +148,10 @@ class StateDir:
                 consequence="no rollback possible for this host",
             )
 
-    def previous(self, host: str) -> tuple[bytes, bytes] | None:
-        """Return the kept ``(certificates, key)`` of ``host``, if any."""
+    def previous_paths(self, host: str) -> tuple[Path, Path]:
+        """Return where the kept previous pair of ``host`` lies."""
         directory = self.path / "previous" / host
-        try:
-            return (
-                (directory / "fullchain.pem").read_bytes(),
-                (directory / "privkey.pem").read_bytes(),
-            )
-        except OSError:
-            return None
+        return directory / "fullchain.pem", directory / "privkey.pem"
 
     def record_verification(self, document: dict[str, object]) -> None:
         """Keep the last verification's outcome for ``certwatchd check``."""

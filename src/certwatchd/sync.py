@@ -15,8 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from certwatchd.certificate import Pair, TrustStore, load_pair
 from certwatchd.config import Ownership, Settings
@@ -54,7 +52,7 @@ class Plan:
     """Everything a pass would do, before it does any of it."""
 
     choices: list[Choice] = field(default_factory=list)
-    corrections: list[tuple[Path, bool, str]] = field(default_factory=list)
+    corrections: list[tuple[Path, int, str]] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     pending: list[Pending] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
@@ -174,8 +172,14 @@ class Synchronizer:
                 self._reported.pop(source.key, None)
 
         for source, _ in valid.values():
-            if source.origin == "prosody":
-                self._plan_corrections(plan, source.cert_path, source.key_path)
+            if source.origin != "prosody":
+                continue
+            self._plan_corrections(plan, source.cert_path, source.key_path)
+            directory = source.cert_path.parent
+            if directory != self.settings.sources.prosody_certs:
+                self._plan_correction(
+                    plan, directory, self.installer.modes.dir_mode
+                )
 
         for host in sorted(self._hosts(valid)):
             self._plan_host(plan, host, valid, now)
@@ -262,12 +266,21 @@ class Synchronizer:
         configured = self.settings.install.hosts
         if configured:
             return set(configured)
-        return {
-            name
-            for _, pair in valid.values()
-            for name in pair.names
-            if not is_wildcard(name)
-        }
+
+        hosts = set()
+        for source, pair in valid.values():
+            names = [name for name in pair.names if not is_wildcard(name)]
+            if not names:
+                self._once(
+                    source.key,
+                    "cert.wildcard_only",
+                    "warning",
+                    source=str(source.shown),
+                    names=",".join(pair.names),
+                    fix="list the hosts it should serve in install.hosts",
+                )
+            hosts.update(names)
+        return hosts
 
     def _plan_host(
         self,
@@ -351,9 +364,14 @@ class Synchronizer:
         self, plan: Plan, cert_path: Path, key_path: Path
     ) -> None:
         for path, is_key in ((cert_path, False), (key_path, True)):
-            problem = self.installer.wrong_attributes(path, key=is_key)
-            if problem is not None:
-                plan.corrections.append((path, is_key, problem))
+            self._plan_correction(
+                plan, path, self.installer.mode_for(key=is_key)
+            )
+
+    def _plan_correction(self, plan: Plan, path: Path, mode: int) -> None:
+        problem = self.installer.wrong_attributes(path, mode)
+        if problem is not None:
+            plan.corrections.append((path, mode, problem))
 
     def _once(
         self, subject: str, event: str, level: str, **fields: str
@@ -366,7 +384,7 @@ class Synchronizer:
         getattr(log, level)(event, **fields)
 
     def _apply(self, plan: Plan, report: Report) -> None:
-        for path, is_key, problem in plan.corrections:
+        for path, mode, problem in plan.corrections:
             if path.is_symlink():
                 log.warning(
                     "cert.not_corrected",
@@ -376,7 +394,7 @@ class Synchronizer:
                 )
                 continue
             try:
-                self.installer.correct(path, key=is_key)
+                self.installer.correct(path, mode)
             except InstallError as exc:
                 log.error(
                     "cert.correct_failed", path=str(path), error=str(exc)
@@ -400,7 +418,27 @@ class Synchronizer:
             self.state.save()
 
     def quarantine(self, source: Source, error: PairError) -> None:
-        """Move a broken hand-placed pair out of Prosody's directory."""
+        """Move a broken hand-placed pair out of Prosody's directory.
+
+        The pair is judged again first: this very pass may have installed
+        over it, or the operator may have fixed it meanwhile.
+        """
+        with self.lock:
+            if self._still_broken(source):
+                self._quarantine(source, error)
+
+    def _still_broken(self, source: Source) -> bool:
+        if not os.path.lexists(source.cert_path) or self._is_ours(
+            source.cert_path
+        ):
+            return False
+        try:
+            load_pair(source.cert_path, source.key_path, self.trust)
+        except PairError as exc:
+            return exc.breaks_tls
+        return False
+
+    def _quarantine(self, source: Source, error: PairError) -> None:
         if (
             source.cert_path.parent
             == source.key_path.parent
@@ -436,26 +474,34 @@ class Synchronizer:
     def _roll_back(self, hosts: Collection[str]) -> list[str]:
         contents = []
         for host in sorted(hosts):
-            previous = self.state.previous(host)
-            if previous is None:
+            cert_path, key_path = self.state.previous_paths(host)
+            try:
+                pair = load_pair(cert_path, key_path, self.trust)
+            except PairError as exc:
                 log.error(
                     "rollback.impossible",
                     host=host,
-                    reason="no previous pair kept",
+                    reason=f"the previous pair {exc.reason}",
                 )
                 continue
-            contents.append(Content(host, *previous))
-        restored = self.installer.install(contents, keep_previous=False)
+            contents.append(
+                (pair, Content(host, pair.certs.pem, pair.key_pem))
+            )
+
+        restored = self.installer.install(
+            [content for _, content in contents], keep_previous=False
+        )
         if restored:
             self.state.save()
-        for content in contents:
-            if content.host not in restored:
-                continue
-            leaf = x509.load_pem_x509_certificate(content.cert_pem)
-            self.expected[content.host] = leaf.fingerprint(
-                hashes.SHA256()
-            ).hex()
-            log.warning("rollback.installed", host=content.host)
+        for pair, content in contents:
+            if content.host in restored:
+                self.expected[content.host] = pair.fingerprint
+                log.warning(
+                    "rollback.installed",
+                    host=content.host,
+                    serial=pair.serial,
+                    not_after=pair.not_after.date().isoformat(),
+                )
         return restored
 
 
