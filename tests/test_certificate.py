@@ -7,15 +7,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from certwatchd.certificate import (
-    MAX_FILE_BYTES,
     TrustStore,
     load_pair,
     parse_certificates,
     parse_private_key,
-    read_small_file,
-    split_pem,
 )
 from certwatchd.errors import ConfigError, PairError
+from certwatchd.pem import MAX_FILE_BYTES, read_small_file, split_pem
 from certwatchd.sandbox import Authority
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -265,7 +263,7 @@ def test_a_valid_pair_loads_with_its_names(issued, trust, tmp_path):
 
     assert pair.names == ("example.com", "www.example.com")
     assert pair.key_pem == issued.key_pem
-    assert pair.certs.pem == issued.fullchain_pem
+    assert pair.cert_pem == issued.fullchain_pem
 
 
 def test_a_key_that_does_not_match_is_refused(

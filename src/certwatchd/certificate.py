@@ -7,16 +7,13 @@ fails any rule raises :class:`PairError` naming the file and the reason.
 from __future__ import annotations
 
 import binascii
-import errno
-import os
-import re
+import hashlib
 import ssl
-import stat
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -36,14 +33,9 @@ from cryptography.x509.verification import (
 
 from certwatchd.errors import ConfigError, PairError
 from certwatchd.names import is_dns_name, is_wildcard
+from certwatchd.pem import read_small_file, split_pem
 
-MAX_FILE_BYTES = 1 << 20
 MIN_RSA_BITS = 2048
-
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----",
-    re.DOTALL,
-)
 _KEY_LABELS = {b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY"}
 _CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
@@ -52,124 +44,18 @@ PrivateKey = (
 )
 
 
-def read_small_file(path: Path) -> bytes:
-    """Read a regular file of at most 1 MiB without ever blocking.
-
-    Symlinks are followed; a FIFO, a device, a directory or a larger file
-    is refused before anything is read from it.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise PairError(str(path), _open_failure(exc)) from None
-
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = _file_kind(info.st_mode)
-            msg = f"is {kind}, expected a regular file"
-            raise PairError(str(path), msg)
-        if info.st_size > MAX_FILE_BYTES:
-            msg = f"is {info.st_size} bytes, expected at most 1 MiB"
-            raise PairError(str(path), msg)
-
-        chunks = []
-        remaining = MAX_FILE_BYTES + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 65536))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    except OSError as exc:
-        msg = f"cannot be read: {exc.strerror}"
-        raise PairError(str(path), msg) from None
-    finally:
-        os.close(fd)
-
-    data = b"".join(chunks)
-    if len(data) > MAX_FILE_BYTES:
-        msg = "grew past 1 MiB while being read"
-        raise PairError(str(path), msg)
-    return data
-
-
-def _open_failure(exc: OSError) -> str:
-    reasons = {
-        errno.ENOENT: "does not exist (or is a dangling link)",
-        errno.ELOOP: "is a symlink loop",
-        errno.EACCES: "is not readable (permission denied)",
-        errno.EPERM: "is not readable (operation not permitted)",
-        errno.ENOTDIR: "has a path component that is not a directory",
-    }
-    return reasons.get(exc.errno or 0, f"cannot be opened: {exc.strerror}")
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
-def split_pem(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
-    """Split PEM text into ``(label, whole block)`` pairs.
-
-    Only white space may stand between and around the blocks: text that
-    is not PEM, DER, a truncated block or trailing junk is refused.
-    """
-    if not data.strip():
-        raise PairError(str(path), "is empty")
-
-    blocks = []
-    position = 0
-    for match in _PEM_BLOCK.finditer(data):
-        if data[position : match.start()].strip():
-            break
-        blocks.append((match.group(1), match.group(0) + b"\n"))
-        position = match.end()
-
-    if not blocks:
-        raise PairError(str(path), _not_pem_reason(data))
-    if data[position:].strip():
-        offset = (
-            position + len(data[position:]) - len(data[position:].lstrip())
-        )
-        msg = f"has data that is not PEM after byte {offset}"
-        if b"-----BEGIN" in data[position:]:
-            msg = f"has a truncated or malformed PEM block at byte {offset}"
-        raise PairError(str(path), msg)
-    return blocks
-
-
-def _not_pem_reason(data: bytes) -> str:
-    if data.startswith((b"\x30\x82", b"\x30\x81")):
-        return "is DER (binary), expected PEM"
-    if b"-----BEGIN" in data:
-        return "has a truncated or malformed PEM block"
-    return "is not PEM"
-
-
 @dataclass(frozen=True)
 class CertificateFile:
     """A parsed certificate file: the leaf first, then its chain."""
 
     leaf: x509.Certificate
     chain: tuple[x509.Certificate, ...]
+    pem: bytes
 
-    @cached_property
-    def pem(self) -> bytes:
-        """The certificates alone, re-encoded, leaf first."""
-        encoding = serialization.Encoding.PEM
-        return b"".join(
-            cert.public_bytes(encoding) for cert in (self.leaf, *self.chain)
-        )
+
+def certificate_blocks(blocks: list[tuple[bytes, bytes]]) -> bytes:
+    """Join PEM blocks as installed: blocks only, with LF line ends."""
+    return b"".join(block.replace(b"\r\n", b"\n") for _, block in blocks)
 
 
 def parse_certificates(data: bytes, path: Path) -> CertificateFile:
@@ -192,7 +78,9 @@ def parse_certificates(data: bytes, path: Path) -> CertificateFile:
     if _is_ca(certificates[0]):
         msg = "starts with a CA certificate; the leaf must come first"
         raise PairError(str(path), msg)
-    return CertificateFile(certificates[0], tuple(certificates[1:]))
+    return CertificateFile(
+        certificates[0], tuple(certificates[1:]), certificate_blocks(blocks)
+    )
 
 
 def _is_ca(certificate: x509.Certificate) -> bool:
@@ -285,6 +173,10 @@ class TrustStore:
 
     def __init__(self, roots: list[x509.Certificate] | None) -> None:
         self._store = Store(roots) if roots is not None else None
+        digest = hashlib.sha256(b"roots" if roots is not None else b"none")
+        for root in roots or ():
+            digest.update(root.fingerprint(hashes.SHA256()))
+        self.identity = digest.hexdigest()
 
     @classmethod
     def from_setting(cls, trust: str) -> TrustStore:
@@ -350,34 +242,38 @@ class Pair:
 
     cert_path: Path
     key_path: Path
-    certs: CertificateFile
-    names: tuple[str, ...]
+    cert_pem: bytes
     key_pem: bytes = field(repr=False)
+    names: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    serial: str
+    issuer: str
+    fingerprint: str
+    # The earliest expiry in the chain: past it the chain must be checked
+    # again even if the files did not change.
+    chain_not_after: datetime
 
-    @property
-    def not_before(self) -> datetime:
-        """Start of the leaf's validity, UTC."""
-        return self.certs.leaf.not_valid_before_utc
+    def check_window(self, now: datetime) -> None:
+        """Refuse the pair outside its validity window."""
+        if now < self.not_before:
+            msg = f"is not valid before {self.not_before.isoformat()}"
+            raise PairError(str(self.cert_path), msg, breaks_tls=False)
+        if now > self.not_after:
+            msg = f"expired at {self.not_after.isoformat()}"
+            raise PairError(str(self.cert_path), msg, breaks_tls=False)
 
-    @property
-    def not_after(self) -> datetime:
-        """End of the leaf's validity, UTC."""
-        return self.certs.leaf.not_valid_after_utc
 
-    @property
-    def serial(self) -> str:
-        """The leaf's serial number in hex."""
-        return f"{self.certs.leaf.serial_number:x}"
+class Verdicts(Protocol):
+    """Remembers pairs already validated, by a digest of their bytes."""
 
-    @property
-    def issuer(self) -> str:
-        """The leaf's issuer as an RFC 4514 string."""
-        return self.certs.leaf.issuer.rfc4514_string()
+    def recall(
+        self, digest: str, cert_path: Path, key_path: Path, blocks: bytes
+    ) -> Pair | None:
+        """Return the pair validated under ``digest``, if still current."""
 
-    @cached_property
-    def fingerprint(self) -> str:
-        """SHA-256 of the leaf's DER, hex."""
-        return self.certs.leaf.fingerprint(hashes.SHA256()).hex()
+    def remember(self, digest: str, pair: Pair) -> None:
+        """Keep ``pair`` under ``digest``."""
 
 
 def load_pair(
@@ -385,19 +281,50 @@ def load_pair(
     key_path: Path,
     trust: TrustStore,
     now: datetime | None = None,
+    verdicts: Verdicts | None = None,
 ) -> Pair:
     """Read, parse and validate one pair; raise :class:`PairError` if bad.
 
     Checks, in order: both files readable and PEM, the certificate file
     starts with the leaf, a usable unencrypted key that matches the leaf,
-    the validity window, safe SAN DNS names, and the chain.
+    the validity window, safe SAN DNS names, and the chain. With
+    ``verdicts``, bytes validated before (under the same trust) skip the
+    cryptography; only the validity window is checked again.
     """
     now = now or datetime.now(UTC)
     cert_data = read_small_file(cert_path)
     key_data = read_small_file(key_path)
+    key_pem = key_data.strip() + b"\n"
+
+    digest = hashlib.sha256(trust.identity.encode())
+    digest.update(hashlib.sha256(cert_data).digest())
+    digest.update(hashlib.sha256(key_data).digest())
+    if verdicts is not None:
+        blocks = certificate_blocks(split_pem(cert_data, cert_path))
+        known = verdicts.recall(
+            digest.hexdigest(), cert_path, key_path, blocks
+        )
+        if known is not None and now < known.chain_not_after:
+            pair = replace(known, key_pem=key_pem)
+            pair.check_window(now)
+            return pair
+
+    pair = _validate(cert_path, key_path, cert_data, key_data, trust, now)
+    if verdicts is not None:
+        verdicts.remember(digest.hexdigest(), pair)
+    return pair
+
+
+def _validate(  # noqa: PLR0917 - the steps of one validation
+    cert_path: Path,
+    key_path: Path,
+    cert_data: bytes,
+    key_data: bytes,
+    trust: TrustStore,
+    now: datetime,
+) -> Pair:
     certs = parse_certificates(cert_data, cert_path)
     key = parse_private_key(key_data, key_path)
-
     if not same_public_key(key, certs.leaf):
         msg = f"does not match the certificate in {cert_path}"
         raise PairError(str(key_path), msg)
@@ -409,16 +336,25 @@ def load_pair(
         raise PairError(str(key_path), msg)
 
     leaf = certs.leaf
-    if now < leaf.not_valid_before_utc:
-        msg = f"is not valid before {leaf.not_valid_before_utc.isoformat()}"
-        raise PairError(str(cert_path), msg, breaks_tls=False)
-    if now > leaf.not_valid_after_utc:
-        msg = f"expired at {leaf.not_valid_after_utc.isoformat()}"
-        raise PairError(str(cert_path), msg, breaks_tls=False)
-
+    pair = Pair(
+        cert_path=cert_path,
+        key_path=key_path,
+        cert_pem=certs.pem,
+        key_pem=key_data.strip() + b"\n",
+        names=(),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        serial=f"{leaf.serial_number:x}",
+        issuer=leaf.issuer.rfc4514_string(),
+        fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
+        chain_not_after=min(
+            cert.not_valid_after_utc for cert in (leaf, *certs.chain)
+        ),
+    )
+    pair.check_window(now)
     names = dns_names(leaf, cert_path)
     trust.verify(certs, names[0], now, cert_path)
-    return Pair(cert_path, key_path, certs, names, key_data.strip() + b"\n")
+    return replace(pair, names=names)
 
 
 def signs_for(key: PrivateKey, leaf: x509.Certificate) -> bool:

@@ -22,12 +22,12 @@ from certwatchd.certificate import (
     dns_names,
     parse_certificates,
     parse_private_key,
-    read_small_file,
     same_public_key,
 )
 from certwatchd.config import Settings
 from certwatchd.errors import PairError
 from certwatchd.install import Installer
+from certwatchd.pem import read_small_file
 from certwatchd.sync import Plan
 
 

@@ -31,9 +31,9 @@ from typing import Literal
 
 import structlog
 
-from certwatchd.certificate import read_small_file
 from certwatchd.config import Ownership
 from certwatchd.errors import InstallError, PairError
+from certwatchd.pem import read_small_file
 from certwatchd.state import StateDir
 
 log = structlog.get_logger()
@@ -93,6 +93,7 @@ class Installer:
         self.layout = layout
         self.modes = modes
         self.state = state
+        self._reads: dict[Path, bytes | None] = {}
 
     def paths(self, host: str) -> tuple[Path, Path]:
         """Return the certificate and key paths Prosody uses for ``host``."""
@@ -101,9 +102,23 @@ class Installer:
     def needs_write(self, content: Content) -> bool:
         """Say whether the files on disk differ from ``content``."""
         cert_path, key_path = self.paths(content.host)
-        return _read_or_none(cert_path) != content.cert_pem or (
-            _read_or_none(key_path) != content.key_pem
+        return self.read(cert_path) != content.cert_pem or (
+            self.read(key_path) != content.key_pem
         )
+
+    def read(self, path: Path) -> bytes | None:
+        """Return what ``path`` holds now, or ``None`` if it cannot be read.
+
+        Reads are remembered until :meth:`forget_reads`, so one pass reads
+        each installed file once however many checks look at it.
+        """
+        if path not in self._reads:
+            self._reads[path] = _read_or_none(path)
+        return self._reads[path]
+
+    def forget_reads(self) -> None:
+        """Drop remembered reads; the next pass sees the disk afresh."""
+        self._reads.clear()
 
     def mode_for(self, *, key: bool) -> int:
         """Return the configured mode of a key or a certificate."""
@@ -193,6 +208,7 @@ class Installer:
                 continue
             done.append(step.host)
         batch.sync_directories()
+        self.forget_reads()
         return done
 
     def _keep_previous(self, host: str) -> None:
@@ -202,8 +218,8 @@ class Installer:
         someone else put there is backed up, never restored by a rollback.
         """
         cert_path, key_path = self.paths(host)
-        cert_pem = _read_or_none(cert_path)
-        key_pem = _read_or_none(key_path)
+        cert_pem = self.read(cert_path)
+        key_pem = self.read(key_path)
         if cert_pem is None or key_pem is None:
             return
         if not (
@@ -227,7 +243,7 @@ class Installer:
         )
         try:
             for path, data, mode in files:
-                if _read_or_none(path) == data:
+                if self.read(path) == data:
                     continue
                 self._back_up_if_placed_by_hand(path)
                 temporary = batch.write(path.parent, data, mode, self.modes)

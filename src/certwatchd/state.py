@@ -17,8 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from certwatchd.certificate import read_small_file
 from certwatchd.errors import InstallError, PairError
+from certwatchd.pem import read_small_file
 
 log = structlog.get_logger()
 
@@ -108,7 +108,7 @@ class StateDir:
             "rejected": self._rejected,
         }
         try:
-            self._write(_RECORD, json.dumps(document).encode())
+            self.write_private(_RECORD, json.dumps(document).encode())
         except OSError as exc:
             log.warning(
                 "state.unwritable",
@@ -118,7 +118,7 @@ class StateDir:
                 "again before their next replacement",
             )
 
-    def _write(self, name: str | Path, data: bytes) -> None:
+    def write_private(self, name: str | Path, data: bytes) -> None:
         """Write ``name`` (relative to the state directory) atomically."""
         target = self.path / name
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -138,8 +138,8 @@ class StateDir:
         """Keep the pair being replaced, to restore if Prosody rejects it."""
         try:
             cert_path, key_path = self.previous_paths(host)
-            self._write(key_path, key_pem)
-            self._write(cert_path, cert_pem)
+            self.write_private(key_path, key_pem)
+            self.write_private(cert_path, cert_pem)
         except OSError as exc:
             log.warning(
                 "state.previous_not_kept",
@@ -156,7 +156,9 @@ class StateDir:
     def record_verification(self, document: dict[str, object]) -> None:
         """Keep the last verification's outcome for ``certwatchd check``."""
         try:
-            self._write("verification.json", json.dumps(document).encode())
+            self.write_private(
+                "verification.json", json.dumps(document).encode()
+            )
         except OSError as exc:
             log.warning(
                 "state.unwritable", path=str(self.path), error=exc.strerror

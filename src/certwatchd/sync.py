@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
 
+from certwatchd.cache import ValidationCache
 from certwatchd.certificate import Pair, TrustStore, load_pair
 from certwatchd.config import Ownership, Settings
 from certwatchd.errors import InstallError, PairError
@@ -112,6 +113,7 @@ class Synchronizer:
             self.state,
         )
         self._checked: dict[tuple[Path, Path], _Checked] = {}
+        self.verdicts = ValidationCache(self.state)
         # Host -> fingerprint of the leaf Prosody should serve for it.
         self.expected: dict[str, str] = {}
         # Held by every method that writes, so a rollback on the reload
@@ -145,6 +147,7 @@ class Synchronizer:
             return report
 
         self._apply(plan, report)
+        self.verdicts.save()
         self.expected.update(plan.serving)
         for choice in plan.choices:
             if not choice.write or choice.host in report.installed:
@@ -155,6 +158,7 @@ class Synchronizer:
         """Decide what every host should hold; change nothing."""
         now = datetime.now(UTC)
         plan = Plan()
+        self.installer.forget_reads()
         sources = self._discover(plan, settled)
 
         valid: dict[str, tuple[Source, Pair]] = {}
@@ -181,8 +185,9 @@ class Synchronizer:
                     plan, directory, self.installer.modes.dir_mode
                 )
 
+        names = _NameIndex(valid.values())
         for host in sorted(self._hosts(valid)):
-            self._plan_host(plan, host, valid, now)
+            self._plan_host(plan, host, names.covering(host), now)
         return plan
 
     def _discover(self, plan: Plan, settled: Collection[str]) -> list[Source]:
@@ -217,7 +222,7 @@ class Synchronizer:
     def _is_ours(self, path: Path) -> bool:
         if path.is_symlink():
             return os.readlink(path).startswith(".certwatchd-")
-        return self.state.is_ours(path)
+        return self.state.is_ours(path, self.installer.read(path))
 
     def _check(
         self, source: Source, now: datetime, *, announce: bool = True
@@ -238,7 +243,9 @@ class Synchronizer:
                 raise PairError(str(source.cert_path), msg, breaks_tls=False)
             return pair
 
-        pair = load_pair(source.cert_path, source.key_path, self.trust, now)
+        pair = load_pair(
+            source.cert_path, source.key_path, self.trust, now, self.verdicts
+        )
         (log.info if announce else log.debug)(
             "cert.validated",
             source=source.key,
@@ -286,15 +293,10 @@ class Synchronizer:
         self,
         plan: Plan,
         host: str,
-        valid: dict[str, tuple[Source, Pair]],
+        covering: list[tuple[Source, Pair]],
         now: datetime,
     ) -> None:
         rejected = self.state.rejected(host)
-        covering = [
-            (source, pair)
-            for source, pair in valid.values()
-            if any(covers(name, host) for name in pair.names)
-        ]
         if rejected and any(p.fingerprint in rejected for _, p in covering):
             covering = [
                 c for c in covering if c[1].fingerprint not in rejected
@@ -325,7 +327,7 @@ class Synchronizer:
         if source.cert_path == cert_path:
             plan.serving[host] = pair.fingerprint
             return
-        content = Content(host, pair.certs.pem, pair.key_pem)
+        content = Content(host, pair.cert_pem, pair.key_pem)
         write = self.installer.needs_write(content)
         if write:
             installed = self._installed_pair(host, now)
@@ -406,7 +408,7 @@ class Synchronizer:
 
         writes = {c.host: c for c in plan.choices if c.write}
         contents = [
-            Content(c.host, c.pair.certs.pem, c.pair.key_pem)
+            Content(c.host, c.pair.cert_pem, c.pair.key_pem)
             for c in writes.values()
         ]
         done = self.installer.install(contents)
@@ -484,9 +486,7 @@ class Synchronizer:
                     reason=f"the previous pair {exc.reason}",
                 )
                 continue
-            contents.append(
-                (pair, Content(host, pair.certs.pem, pair.key_pem))
-            )
+            contents.append((pair, Content(host, pair.cert_pem, pair.key_pem)))
 
         restored = self.installer.install(
             [content for _, content in contents], keep_previous=False
@@ -503,6 +503,25 @@ class Synchronizer:
                     not_after=pair.not_after.date().isoformat(),
                 )
         return restored
+
+
+class _NameIndex:
+    """Valid pairs by the names they cover, for one pass's choices."""
+
+    def __init__(self, valid: Iterable[tuple[Source, Pair]]) -> None:
+        self._by_name: dict[str, list[tuple[Source, Pair]]] = {}
+        for item in valid:
+            for name in item[1].names:
+                self._by_name.setdefault(name, []).append(item)
+
+    def covering(self, host: str) -> list[tuple[Source, Pair]]:
+        """Return the pairs naming ``host`` or a wildcard that covers it."""
+        found = {s.key: (s, p) for s, p in self._by_name.get(host, ())}
+        parent = host.partition(".")[2]
+        for source, pair in self._by_name.get(f"*.{parent}", ()):
+            if covers(f"*.{parent}", host):
+                found.setdefault(source.key, (source, pair))
+        return list(found.values())
 
 
 def _nothing() -> None:
