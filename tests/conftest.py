@@ -167,3 +167,36 @@ def cli(capsys: pytest.CaptureFixture[str]):
 
     yield run
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def daemons(setup: Setup):
+    """Start ``certwatchd run`` processes on the setup; kill them after."""
+    # Imported here so that only tests using real daemons need the helper.
+    from daemon_process import (  # noqa: PLC0415
+        DaemonProcess,
+        daemon_env,
+        run_argv,
+    )
+
+    started: list[DaemonProcess] = []
+
+    def start(
+        *,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+        timeout: float = 15.0,
+    ) -> DaemonProcess:
+        log = setup.root / f"daemon-{len(started)}.log"
+        process = DaemonProcess(
+            argv or run_argv(setup.config), log, env or daemon_env()
+        )
+        started.append(process)
+        if ready:
+            process.wait_for_event("daemon.ready", timeout=timeout)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

@@ -108,6 +108,8 @@ class Daemon:
         self._next_expiry = 0.0
         self._reconcile_reason: str | None = "start"
         self._runtime: _Runtime | None = None
+        self.reloads_finished = 0
+        """How many reload commands have finished, well or not."""
 
     def serve(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
@@ -349,6 +351,7 @@ class Daemon:
         verdict, self._verdict = self._verdict, None
         if verdict is None:
             return
+        self.reloads_finished += 1
         self._note_verification(verdict)
         if verdict.reload.ok:
             self._backoff.succeeded()

@@ -39,14 +39,13 @@ def run_demo() -> int:
         tree.create_lineage(LINEAGE, authority.issue(NAMES))
         certs = root / "prosody" / "certs"
         certs.mkdir(parents=True)
-        reloads = root / "reloads.log"
-        config = _write_config(root, tree, certs, authority, reloads)
+        config = _write_config(root, tree, certs, authority)
 
         daemon = Daemon(config)
         outcome: list[bool] = []
         driver = threading.Thread(
             target=_drive,
-            args=(daemon, tree, authority, certs, reloads, outcome),
+            args=(daemon, tree, authority, certs, outcome),
             name="certwatchd-demo",
             daemon=True,
         )
@@ -65,16 +64,12 @@ def _write_config(
     tree: LetsEncryptTree,
     certs: Path,
     authority: Authority,
-    reloads: Path,
 ) -> Path:
     user = pwd.getpwuid(os.getuid()).pw_name
     group = grp.getgrgid(os.getgid()).gr_name
     roots = authority.write_roots(root / "demo-ca.pem")
     script = root / "reload-prosody.py"
-    script.write_text(
-        f"open({str(reloads)!r}, 'a').write('reload\\n')\n"
-        "print('prosodyctl reload would run here')\n"
-    )
+    script.write_text("print('prosodyctl reload would run here')\n")
     config = root / "config.toml"
     config.write_text(
         f"""\
@@ -99,25 +94,24 @@ format = "console"
     return config
 
 
-def _drive(  # noqa: PLR0917 - one thread's whole world, passed once
+def _drive(
     daemon: Daemon,
     tree: LetsEncryptTree,
     authority: Authority,
     certs: Path,
-    reloads: Path,
     outcome: list[bool],
 ) -> None:
     """Renew once the first pair is installed and reloaded, then stop."""
     deadline = time.monotonic() + DEADLINE_SECONDS
     cert = certs / f"{LINEAGE}.crt"
     try:
-        if not _wait(lambda: _count(reloads) >= 1, deadline):
+        if not _wait(lambda: daemon.reloads_finished >= 1, deadline):
             return
         first = cert.read_bytes()
         log.info("demo.renewing", lineage=LINEAGE, how="as certbot does")
         tree.renew(LINEAGE, authority.issue(NAMES), pause=0.2)
         renewed = _wait(
-            lambda: cert.read_bytes() != first and _count(reloads) > 1,
+            lambda: cert.read_bytes() != first and daemon.reloads_finished > 1,
             deadline,
         )
         outcome.append(renewed)
@@ -133,13 +127,6 @@ def _wait(condition: object, deadline: float) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def _count(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
 
 
 def _listing(directory: Path) -> list[str]:

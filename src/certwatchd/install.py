@@ -198,6 +198,10 @@ class Installer:
             )
             return []
 
+        for step in staged:
+            step.expect()
+        if staged:
+            self.state.save()
         done = []
         for step in staged:
             try:
@@ -208,6 +212,7 @@ class Installer:
                 continue
             done.append(step.host)
         batch.sync_directories()
+        self.state.settle()
         self.forget_reads()
         return done
 
@@ -358,6 +363,14 @@ class _Step:
         self.previous: Path | None = None
         self.displaced: Path | None = None
         self.retired: list[Path] = []
+
+    def expect(self) -> None:
+        """Note in the record what the renames are about to put in place."""
+        for _, target, data in self.renames:
+            if data is not None:
+                self.state.expect(target, data)
+        for path, data in self.records:
+            self.state.expect(path, data)
 
     def commit(self) -> None:
         """Rename the staged files into place and record them."""

@@ -4,6 +4,11 @@ The record tells a file certwatchd installed from one an operator placed
 by hand: only the latter is backed up before it is replaced. Losing the
 record is harmless; every file then counts as hand-placed and is backed up
 once more.
+
+The record is written ahead: what is about to be renamed into place is
+saved as expected before the first rename, so a daemon killed among its
+renames finds its own files again at the next start instead of taking
+them for an operator's.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class StateDir:
         self.path = path
         self._certs_dir = certs_dir
         self._written: dict[str, str] = {}
+        self._expected: dict[str, str] = {}
         self._rejected: dict[str, list[str]] = {}
         self._loaded = False
 
@@ -46,6 +52,7 @@ class StateDir:
         try:
             data = json.loads((self.path / _RECORD).read_bytes())
             written = data["written"]
+            expected = data.get("expected", {})
             rejected = data.get("rejected", {})
         except FileNotFoundError:
             return
@@ -58,6 +65,8 @@ class StateDir:
             return
         if isinstance(written, dict):
             self._written = {str(k): str(v) for k, v in written.items()}
+        if isinstance(expected, dict):
+            self._expected = {str(k): str(v) for k, v in expected.items()}
         if isinstance(rejected, dict):
             self._rejected = {
                 str(host): [str(f) for f in fingerprints]
@@ -72,19 +81,42 @@ class StateDir:
         """Say whether certwatchd wrote the file at ``path`` as it is now."""
         if not self._loaded:
             self.load()
-        recorded = self._written.get(self._relative(path))
-        if recorded is None:
+        relative = self._relative(path)
+        recorded = {self._written.get(relative), self._expected.get(relative)}
+        recorded.discard(None)
+        if not recorded:
             return False
         if data is None:
             try:
                 data = read_small_file(path)
             except PairError:
                 return False
-        return recorded == digest(data)
+        return digest(data) in recorded
+
+    def expect(self, path: Path, data: bytes) -> None:
+        """Note that ``data`` is about to be renamed to ``path``."""
+        self._expected[self._relative(path)] = digest(data)
 
     def remember(self, path: Path, data: bytes) -> None:
         """Note that certwatchd wrote ``data`` to ``path``."""
-        self._written[self._relative(path)] = digest(data)
+        relative = self._relative(path)
+        self._written[relative] = digest(data)
+        self._expected.pop(relative, None)
+
+    def settle(self) -> None:
+        """Turn expected writes into records, or forget them.
+
+        An expected file that is in place counts as written, whichever
+        run put it there; one that is not was never renamed into place.
+        """
+        for relative, recorded in self._expected.items():
+            try:
+                data = read_small_file(self._certs_dir / relative)
+            except PairError:
+                continue
+            if digest(data) == recorded:
+                self._written[relative] = recorded
+        self._expected.clear()
 
     def rejected(self, host: str) -> set[str]:
         """Fingerprints Prosody failed to serve for ``host`` after a reload."""
@@ -105,6 +137,7 @@ class StateDir:
         document = {
             "version": 1,
             "written": self._written,
+            "expected": self._expected,
             "rejected": self._rejected,
         }
         try:

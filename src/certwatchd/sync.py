@@ -416,7 +416,7 @@ class Synchronizer:
             _log_choice("cert.installed", writes[host])
         report.installed = done
         report.failed.extend(sorted(set(writes) - set(done)))
-        if done:
+        if writes:
             self.state.save()
 
     def quarantine(self, source: Source, error: PairError) -> None:
