@@ -149,10 +149,15 @@ def _new_results(args: argparse.Namespace) -> dict[str, Any]:
 def _notes(args: argparse.Namespace) -> list[str]:
     return [
         (
-            f"Trees are cached in {args.cache}/trees/KIND-N and only read;"
+            "Trees are generated once into a cache directory and only read;"
             " every run gets fresh certificate and state directories on the"
-            " same ext4 disk. Every file of a tree is read once before its"
+            " same disk. Every file of a tree is read once before its"
             " timed runs, so neither tool pays for a cold page cache."
+        ),
+        (
+            "`certwatchd sync` validates what its caches do not know in one"
+            " process per CPU it may use (here"
+            f" {len(os.sched_getaffinity(0))}); prosodyctl uses one."
         ),
         (
             "certwatchd runs with its shipped settings except the paths:"

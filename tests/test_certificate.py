@@ -1,4 +1,7 @@
+import base64
 import os
+import textwrap
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -426,3 +429,95 @@ def test_pair_facts_describe_the_leaf(issued, trust, tmp_path):
     assert "intermediate" in pair.issuer
     assert len(pair.fingerprint) == 64
     assert "PRIVATE KEY" not in repr(pair)
+
+
+@pytest.mark.timeout(10)
+def test_many_unfinished_blocks_are_refused_in_one_pass(tmp_path):
+    """A mebibyte of BEGIN lines with no END is refused at once."""
+    data = b"-----BEGIN CERTIFICATE-----\n" * (MAX_FILE_BYTES // 28)
+
+    started = time.monotonic()
+    error = refusal(split_pem, data, tmp_path / "x.pem")
+
+    assert time.monotonic() - started < 1.0
+    assert "truncated" in error.reason
+
+
+def to_pem(der: bytes) -> bytes:
+    text = base64.b64encode(der).decode()
+    body = "\n".join(textwrap.wrap(text, 64))
+    armoured = f"-----BEGIN CERTIFICATE-----\n{body}\n"
+    return (armoured + "-----END CERTIFICATE-----\n").encode()
+
+
+def patched(pem_bytes: bytes, old: bytes, new: bytes) -> bytes:
+    """Replace ``old`` by ``new`` once in a certificate's DER."""
+    cert = x509.load_pem_x509_certificate(pem_bytes)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert der.count(old) == 1
+    return to_pem(der.replace(old, new))
+
+
+def negative_serial(pem_bytes: bytes) -> bytes:
+    """Make the certificate's serial number negative, in minimal DER."""
+    serial = x509.load_pem_x509_certificate(pem_bytes).serial_number
+    content = serial.to_bytes((serial.bit_length() + 8) // 8, "big")
+    encoded = bytes([2, len(content)]) + content
+    return patched(pem_bytes, encoded, encoded[:2] + b"\x80" + content[1:])
+
+
+# Each spoils the leaf (or, for the serial, the intermediate) so that
+# cryptography loads it but fails, or warns, when a field is read.
+SPOILED = {
+    "invalid version": (
+        lambda i: (
+            patched(
+                i.cert_pem, b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x05"
+            )
+            + i.chain_pem
+        ),
+        "block 0): it claims X.509 version 6",
+        False,
+    ),
+    "duplicate extension": (
+        # Key usage becomes a second basic constraints extension.
+        lambda i: (
+            patched(
+                i.cert_pem, b"\x06\x03\x55\x1d\x0f", b"\x06\x03\x55\x1d\x13"
+            )
+            + i.chain_pem
+        ),
+        "block 0): it has the 2.5.29.19 extension twice",
+        True,
+    ),
+    "malformed subject": (
+        lambda i: (
+            patched(
+                i.cert_pem, b"\x0c\x0bexample.com", b"\x0c\x0bexample\xffcom"
+            )
+            + i.chain_pem
+        ),
+        "block 0): error parsing",
+        True,
+    ),
+    "negative serial in the chain": (
+        lambda i: i.cert_pem + negative_serial(i.chain_pem),
+        "block 1): its serial number is not positive",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SPOILED)
+def test_a_certificate_that_cannot_be_read_through_is_refused(
+    issued, trust, tmp_path, case
+):
+    """A field cryptography fails or warns on refuses the pair by name."""
+    spoil, reason, breaks_tls = SPOILED[case]
+    cert, key = pair_files(tmp_path, issued, cert=spoil(issued))
+
+    error = refusal(load_pair, cert, key, trust)
+
+    assert error.path == str(cert)
+    assert reason in error.reason
+    assert error.breaks_tls is breaks_tls

@@ -619,10 +619,6 @@ def test_stop_while_reload_hangs(
     assert listener.messages("STOPPING", since=before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reload command still running at SIGTERM outlives the daemon",
-)
 def test_stop_leaves_no_reload_running(
     setup, authority, daemon, reload_script
 ):
@@ -808,10 +804,6 @@ def test_rolled_back_live_links_keep_the_newer_pair(setup, authority, daemon):
     assert setup.reloads() == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the main loop spins while a failed reload waits out its backoff",
-)
 def test_waiting_for_a_reload_retry_is_idle(
     setup, authority, daemon, reload_script
 ):
@@ -829,10 +821,6 @@ def test_waiting_for_a_reload_retry_is_idle(
     assert cpu_seconds(process.pid) - before < 0.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the main loop spins while a reload runs and another is due",
-)
 def test_reload_due_during_a_running_reload_is_idle(
     setup, authority, daemon, reload_script
 ):
@@ -851,10 +839,6 @@ def test_reload_due_during_a_running_reload_is_idle(
     assert cpu_seconds(process.pid) - before < 0.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an inotify queue overflow does not start a reconcile",
-)
 def test_renewal_lost_in_queue_overflow_is_installed(setup, authority, daemon):
     """A renewal whose events overflowed inotify's queue still lands.
 
@@ -883,10 +867,6 @@ def test_renewal_lost_in_queue_overflow_is_installed(setup, authority, daemon):
     wait_installed(setup, renewed, SOON)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the main loop spins while a lineage is left between link swaps",
-)
 def test_renewal_stuck_between_swaps_is_waited_for_idly(
     setup, authority, daemon
 ):

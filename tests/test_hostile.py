@@ -474,22 +474,8 @@ def installed_before(setup, authority, cli):
     return {**contents(setup.certs), **installed(renewed, GOOD)}
 
 
-# Cases a one-shot pass gets wrong today; the daemon refuses them.
-SYNC_BUGS = {
-    "live link to /dev/zero": pytest.mark.xfail(
-        strict=True,
-        reason="sources.read_lineage takes a live link that points outside"
-        " archive/ for a renewal in progress: sync logs lineage.pending"
-        " (info, exit 0) for ever instead of refusing the file",
-    ),
-}
-
-
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(case, marks=SYNC_BUGS.get(case, ())) for case in CASES],
-)
+@pytest.mark.parametrize("case", CASES)
 def test_sync_refuses_a_hostile_renewal_and_keeps_the_rest(
     setup, authority, cli, installed_before, case
 ):
@@ -713,55 +699,33 @@ def duplicate_extension() -> Issued:
     return patched(issued, b"\x06\x03\x55\x1d\x63", b"\x06\x03\x55\x1d\x11")
 
 
-UNPARSEABLE = {
-    "invalid X.509 version": (invalid_version, x509.InvalidVersion),
-    "duplicate extension": (duplicate_extension, x509.DuplicateExtension),
-    "malformed issuer name": (
-        lambda: malformed_name("issuer"),
-        ValueError,
-    ),
-    "malformed subject name": (
-        lambda: malformed_name("subject"),
-        ValueError,
-    ),
+# cryptography fails on these when the field is read, not when loading.
+UNPARSEABLE: dict[str, Callable[[], Issued]] = {
+    "invalid X.509 version": invalid_version,
+    "duplicate extension": duplicate_extension,
+    "malformed issuer name": lambda: malformed_name("issuer"),
+    "malformed subject name": lambda: malformed_name("subject"),
 }
 
 
-def escapes(case: str) -> pytest.MarkDecorator:
-    """Mark a case whose exception escapes validation today."""
-    _, raised = UNPARSEABLE[case]
-    reason = (
-        f"load_pair lets {raised.__name__} out for a certificate with a"
-        f" {case}, instead of PairError; the pass aborts"
-    )
-    return pytest.mark.xfail(strict=True, raises=raised, reason=reason)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(case, marks=escapes(case)) for case in UNPARSEABLE],
-)
+@pytest.mark.parametrize("case", UNPARSEABLE)
 def test_sync_refuses_a_certificate_cryptography_cannot_read(
     setup, cli, installed_before, case
 ):
     """A leaf that parses but cannot be read through is refused by name."""
-    make, _ = UNPARSEABLE[case]
-    setup.tree.renew(HOST, make())
+    setup.tree.renew(HOST, UNPARSEABLE[case]())
     named = generation(setup.tree, HOST).cert
 
     result = run_sync(setup, cli)
 
+    assert result.code == 1
     refused = refused_for(result.named("cert.refused"), HOST)
     assert os.path.normpath(str(refused["path"])) == str(named)
+    assert "cannot be parsed (block 0)" in str(refused["reason"])
     assert contents(setup.certs) == installed_before
+    assert_every_line_is_json(result.err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a ValueError from the leaf's malformed issuer escapes"
-    " load_pair (certificate._validate reads leaf.issuer) and ends the"
-    " daemon",
-)
 @pytest.mark.timeout(60)
 def test_daemon_survives_a_certificate_with_a_malformed_issuer(setup, service):
     """An unreadable issuer name is refused and the daemon goes on."""
@@ -772,11 +736,6 @@ def test_daemon_survives_a_certificate_with_a_malformed_issuer(setup, service):
     assert service.named("cert.refused", source=f"letsencrypt:{HOST}-0001")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources.read_lineage lets OSError(ELOOP) out of os.listdir"
-    " for a lineage entry that is a symlink loop; the daemon ends",
-)
 @pytest.mark.timeout(60)
 def test_daemon_survives_a_lineage_that_is_a_symlink_loop(
     setup, authority, service
@@ -795,11 +754,6 @@ def test_daemon_survives_a_lineage_that_is_a_symlink_loop(
     assert service.is_running()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources.read_lineage lets PermissionError out of os.listdir"
-    " for a lineage directory the service cannot list; the pass aborts",
-)
 def test_sync_reports_a_lineage_directory_it_cannot_list(
     setup, cli, installed_before
 ):
@@ -810,4 +764,8 @@ def test_sync_reports_a_lineage_directory_it_cannot_list(
     result = run_sync(setup, cli, as_service=True)
 
     assert "Traceback" not in result.err, result.err[-2000:]
+    assert result.code == 1
+    refused = refused_for(result.named("cert.refused"), "locked.example")
+    assert refused["path"] == str(directory / "fullchain.pem")
+    assert "permission denied" in str(refused["reason"])
     assert contents(setup.certs) == installed_before

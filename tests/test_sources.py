@@ -1,7 +1,10 @@
+import errno
 import os
+from pathlib import Path
 
 import pytest
 
+from certwatchd.errors import PairError
 from certwatchd.sandbox import LetsEncryptTree
 from certwatchd.sources import (
     Pending,
@@ -175,6 +178,105 @@ def test_rolled_back_lineage_is_settled(tree, authority, issued):
     assert source.cert_path.name == "fullchain1.pem"
 
 
+def test_a_live_link_out_of_the_archive_is_no_renewal(tree, authority, issued):
+    """A link certbot never makes is read through at once, not waited on."""
+    tree.create_lineage("example.com", issued)
+    tree.renew("example.com", authority.issue(["example.com"]))
+    link = tree.live / "example.com" / "privkey.pem"
+    link.unlink()
+    link.symlink_to("/dev/zero")
+
+    source = read_lineage(tree.live, "example.com")
+
+    assert isinstance(source, Source)
+    assert source.key_path == Path("/dev/zero")
+
+
+def test_a_live_link_to_another_kind_of_file_is_no_renewal(
+    tree, authority, issued
+):
+    """privkey.pem pointing at a certificate is left to validation."""
+    tree.create_lineage("example.com", issued)
+    tree.renew("example.com", authority.issue(["example.com"]))
+    link = tree.live / "example.com" / "privkey.pem"
+    link.unlink()
+    link.symlink_to("../../archive/example.com/cert1.pem")
+
+    source = read_lineage(tree.live, "example.com")
+
+    assert isinstance(source, Source)
+    assert source.key_path.name == "cert1.pem"
+
+
+def test_absolute_links_behind_a_symlinked_tree_still_wait(
+    tmp_path, authority, issued
+):
+    """Links into the real archive path count when live is reached by a link.
+
+    certbot's tree may sit behind a symlink (``/etc/letsencrypt`` on
+    another disk) while its links name the real path.
+    """
+    tree = LetsEncryptTree(tmp_path / "real")
+    tree.create_lineage("example.com", issued)
+    tree.renew("example.com", authority.issue(["example.com"]))
+    live = tree.live / "example.com"
+    for kind in KINDS:
+        version = 1 if kind == "privkey" else 2
+        (live / f"{kind}.pem").unlink()
+        target = tree.archive / "example.com" / f"{kind}{version}.pem"
+        (live / f"{kind}.pem").symlink_to(target)
+    alias = tmp_path / "alias"
+    alias.symlink_to(tree.live.parent)
+
+    item = read_lineage(alias / "live", "example.com")
+
+    assert isinstance(item, Pending)
+    assert "different archive versions" in item.reason
+
+
+def test_a_symlink_loop_in_live_is_no_lineage(tree):
+    """A name under live/ that loops is neither a lineage nor an error."""
+    (tree.live / "loop.example").symlink_to("loop.example")
+
+    assert read_lineage(tree.live, "loop.example") is None
+
+
+def test_a_lineage_that_cannot_be_listed_is_read_as_it_is(
+    tree, issued, monkeypatch
+):
+    """Without a listing the links are read; the files name any problem."""
+    tree.create_lineage("example.com", issued)
+    locked = tree.live / "example.com"
+    listdir = os.listdir
+
+    def refuse(path):
+        if path == locked:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refuse)
+
+    source = read_lineage(tree.live, "example.com")
+
+    assert isinstance(source, Source)
+    assert source.cert_path.name == "fullchain1.pem"
+
+
+def test_a_live_directory_that_cannot_be_listed_is_refused(tree, monkeypatch):
+    """An unlistable live/ raises PairError naming it, not OSError."""
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", refuse)
+
+    with pytest.raises(PairError) as caught:
+        list_lineages(tree.live)
+
+    assert caught.value.path == str(tree.live)
+    assert "cannot be listed" in caught.value.reason
+
+
 def test_lineage_without_any_pair_is_ignored(tree):
     """A directory holding only a README is no lineage."""
     (tree.live / "empty").mkdir()
@@ -222,6 +324,17 @@ def test_files_certwatchd_wrote_are_not_hand_placed(tmp_path):
     found = hand_placed(certs, lambda path: path.name == "a.example.crt")
 
     assert [s.name for s in found] == ["b.crt"]
+
+
+def test_a_symlink_loop_among_hand_placed_pairs_is_skipped(tmp_path):
+    """A looping link in the certs directory is no pair and no error."""
+    certs = tmp_path / "certs"
+    hand(certs, "a.example.crt", "a.example.key")
+    (certs / "loop").symlink_to("loop")
+
+    found = hand_placed(certs, lambda _: False)
+
+    assert [s.name for s in found] == ["a.example.crt"]
 
 
 def test_missing_certs_directory_has_no_hand_placed_pairs(tmp_path):

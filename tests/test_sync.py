@@ -1140,3 +1140,102 @@ def test_device_link_in_place_of_an_installed_key_is_bounded(setup, authority):
 
     assert b"MemoryError" not in finished.stderr
     assert finished.returncode in {0, 1}
+
+
+def test_validation_spread_over_processes_installs_and_refuses(
+    setup, authority, cli, monkeypatch
+):
+    """Pairs validated in child processes install, or are refused, alike."""
+    import certwatchd.sync  # noqa: PLC0415
+
+    forked = []
+    fork = certwatchd.sync._fork_validation  # noqa: SLF001
+
+    def counting_fork(*args):
+        forked.append(len(args[0]))
+        return fork(*args)
+
+    monkeypatch.setattr(certwatchd.sync, "_PER_WORKER", 2)
+    monkeypatch.setattr(certwatchd.sync, "_fork_validation", counting_fork)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2})
+    issued = {
+        f"host{index}.example": lineage(
+            setup, authority, f"host{index}.example", [f"host{index}.example"]
+        )
+        for index in range(8)
+    }
+    broken = archived(setup, "host3.example", "privkey")
+    replace(broken, other_key(None))
+
+    result = sync(cli, setup)
+
+    assert forked == [3, 2]
+    assert result.code == 1
+    (refused,) = result.named("cert.refused")
+    assert str(refused["path"]).endswith("host3.example/privkey1.pem")
+    assert "does not match" in str(refused["reason"])
+    for host, pair in issued.items():
+        cert = setup.certs / f"{host}.crt"
+        if host == "host3.example":
+            assert not cert.exists()
+        else:
+            assert cert.read_bytes() == pair.fullchain_pem
+            assert (setup.certs / f"{host}.key").read_bytes() == pair.key_pem
+    assert len(result.named("cert.validated")) == 7
+
+
+def test_pairs_recalled_by_stat_signature_install_whole_files(
+    setup, authority, cli, monkeypatch
+):
+    """Unchanged files are recalled unread; what changes is still seen."""
+    import certwatchd.cache  # noqa: PLC0415
+    import certwatchd.state  # noqa: PLC0415
+    import certwatchd.sync  # noqa: PLC0415
+
+    # Recall from disk as with thousands of hosts, and trust stat
+    # signatures at once instead of after two seconds of quiet.
+    monkeypatch.setattr(certwatchd.sync, "_KEPT_IN_MEMORY", 0)
+    for module in (certwatchd.sync, certwatchd.cache, certwatchd.state):
+        monkeypatch.setattr(module, "_SETTLED_NS", 0)
+    recalled = []
+    recall = certwatchd.sync.Synchronizer._recall_unread  # noqa: SLF001
+
+    def counting_recall(self, *args):
+        pair = recall(self, *args)
+        recalled.append(pair is not None)
+        return pair
+
+    monkeypatch.setattr(
+        certwatchd.sync.Synchronizer, "_recall_unread", counting_recall
+    )
+    names = ["example.com", "conference.example.com", "upload.example.com"]
+    lineage(setup, authority, "example.com", names)
+    other = lineage(setup, authority, "example.org", ["example.org"])
+    assert sync(cli, setup).code == 0
+    assert sync(cli, setup).code == 0
+    before = snapshot(setup.certs)
+
+    recalled.clear()
+    unchanged = sync(cli, setup)
+    after = snapshot(setup.certs)
+    assert recalled == [True, True]
+    renewed = authority.issue(names)
+    setup.tree.renew("example.com", renewed)
+    replace(setup.certs / "example.org.crt", b"not what was installed\n")
+    changed = sync(cli, setup)
+
+    assert unchanged.code == 0
+    assert unchanged.named("cert.installed") == []
+    assert after == before
+    # The file put in place of ours is refused as a source, and replaced.
+    assert changed.code == 1
+    (refused,) = changed.named("cert.refused")
+    assert str(refused["path"]) == str(setup.certs / "example.org.crt")
+    installed = {event["host"] for event in changed.named("cert.installed")}
+    assert installed == {*names, "example.org"}
+    for host in names:
+        cert = setup.certs / f"{host}.crt"
+        assert cert.read_bytes() == renewed.fullchain_pem
+        assert (setup.certs / f"{host}.key").read_bytes() == renewed.key_pem
+    org = setup.certs / "example.org.crt"
+    assert org.read_bytes() == other.fullchain_pem

@@ -36,8 +36,23 @@ from certwatchd.names import is_dns_name, is_wildcard
 from certwatchd.pem import read_small_file, split_pem
 
 MIN_RSA_BITS = 2048
+# Part of every remembered verdict's key. Change it whenever validation
+# refuses something it used to accept, so no verdict reached under the
+# looser rules vouches for a pair.
+_RULES = b"certwatchd validation rules 2"
 _KEY_LABELS = {b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY"}
 _CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+# What cryptography raises for a certificate it cannot read through.
+_UNREADABLE = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+
 
 PrivateKey = (
     rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -69,11 +84,7 @@ def parse_certificates(data: bytes, path: Path) -> CertificateFile:
         if label != b"CERTIFICATE":
             msg = f"holds a {label.decode()} block, expected certificates"
             raise PairError(str(path), msg)
-        try:
-            certificates.append(x509.load_pem_x509_certificate(block))
-        except ValueError:
-            msg = f"has a certificate that cannot be parsed (block {index})"
-            raise PairError(str(path), msg) from None
+        certificates.append(_load_certificate(block, index, path))
 
     if _is_ca(certificates[0]):
         msg = "starts with a CA certificate; the leaf must come first"
@@ -83,12 +94,72 @@ def parse_certificates(data: bytes, path: Path) -> CertificateFile:
     )
 
 
+def _load_certificate(
+    block: bytes, index: int, path: Path
+) -> x509.Certificate:
+    """Load one certificate block and read what certwatchd uses of it.
+
+    cryptography decodes names and extensions only when they are first
+    read, and warns rather than fails about some encodings. Reading them
+    here, with warnings caught, turns each of those failures into a
+    refusal; once this returns, the same reads cannot fail later.
+    """
+    problem: str | None = None
+    breaks_tls = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            certificate = x509.load_pem_x509_certificate(block)
+            if certificate.serial_number <= 0:
+                # OpenSSL still loads it; Let's Encrypt never issues one.
+                problem = "its serial number is not positive (RFC 5280)"
+                breaks_tls = False
+            else:
+                _read_through(certificate, leaf=index == 0)
+        except _UNREADABLE as exc:
+            problem = _unreadable_reason(exc)
+            # OpenSSL loads a certificate whose version is out of range.
+            breaks_tls = not isinstance(exc, x509.InvalidVersion)
+    if problem is None and caught:
+        problem = str(caught[0].message)
+        breaks_tls = False
+    if problem is not None:
+        msg = (
+            f"has a certificate that cannot be parsed (block {index}):"
+            f" {problem}"
+        )
+        raise PairError(str(path), msg, breaks_tls=breaks_tls)
+    return certificate
+
+
+def _read_through(certificate: x509.Certificate, *, leaf: bool) -> None:
+    """Decode every field that is decoded only on first use."""
+    certificate.issuer.rfc4514_string()
+    certificate.subject.rfc4514_string()
+    # Reading the extensions decodes all of them.
+    len(certificate.extensions)
+    if leaf:
+        certificate.public_key()
+
+
+def _unreadable_reason(exc: Exception) -> str:
+    if isinstance(exc, x509.InvalidVersion):
+        # The field counts from 0: it holds 2 for X.509 version 3.
+        version = exc.parsed_version + 1
+        return f"it claims X.509 version {version}, which does not exist"
+    if isinstance(exc, x509.DuplicateExtension):
+        return f"it has the {exc.oid.dotted_string} extension twice"
+    if isinstance(exc, UnsupportedAlgorithm):
+        return f"its public key is of an unsupported type ({exc})"
+    return str(exc) or type(exc).__name__
+
+
 def _is_ca(certificate: x509.Certificate) -> bool:
     try:
         constraints = certificate.extensions.get_extension_for_class(
             x509.BasicConstraints
         )
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, *_UNREADABLE):
         return False
     return constraints.value.ca
 
@@ -111,15 +182,21 @@ def parse_private_key(data: bytes, path: Path) -> PrivateKey:
         msg = f"holds a {label.decode()} block, expected a private key"
         raise PairError(str(path), msg)
 
-    try:
-        # OpenSSL's full RSA consistency check costs tens of milliseconds
-        # per key; load_pair proves the key with a signature instead.
-        key = serialization.load_pem_private_key(
-            block, password=None, unsafe_skip_rsa_key_validation=True
-        )
-    except (ValueError, TypeError, UnsupportedAlgorithm, binascii.Error):
-        msg = "holds a private key that cannot be parsed"
-        raise PairError(str(path), msg) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            # OpenSSL's full RSA consistency check costs tens of
+            # milliseconds per key; load_pair proves the key with a
+            # signature instead.
+            key = serialization.load_pem_private_key(
+                block, password=None, unsafe_skip_rsa_key_validation=True
+            )
+        except (ValueError, TypeError, UnsupportedAlgorithm, binascii.Error):
+            msg = "holds a private key that cannot be parsed"
+            raise PairError(str(path), msg) from None
+    if caught:
+        msg = f"holds a private key that cannot be parsed: {caught[0].message}"
+        raise PairError(str(path), msg)
     return _check_key_type(key, path)
 
 
@@ -151,7 +228,7 @@ def dns_names(leaf: x509.Certificate, path: Path) -> tuple[str, ...]:
         names = extension.value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         names = []
-    except ValueError:
+    except _UNREADABLE:
         msg = "has a malformed subjectAltName extension"
         raise PairError(str(path), msg) from None
 
@@ -218,7 +295,7 @@ class TrustStore:
         verifier = builder.build_server_verifier(x509.DNSName(subject))
         try:
             verifier.verify(certs.leaf, list(certs.chain))
-        except VerificationError as exc:
+        except (VerificationError, *_UNREADABLE) as exc:
             msg = f"has a chain that does not verify: {exc}"
             raise PairError(str(path), msg, breaks_tls=False) from None
 
@@ -296,7 +373,8 @@ def load_pair(
     key_data = read_small_file(key_path)
     key_pem = key_data.strip() + b"\n"
 
-    digest = hashlib.sha256(trust.identity.encode())
+    digest = hashlib.sha256(_RULES)
+    digest.update(trust.identity.encode())
     digest.update(hashlib.sha256(cert_data).digest())
     digest.update(hashlib.sha256(key_data).digest())
     if verdicts is not None:
@@ -365,7 +443,10 @@ def signs_for(key: PrivateKey, leaf: x509.Certificate) -> bool:
     OpenSSL's full consistency check.
     """
     data = b"certwatchd key check"
-    public = leaf.public_key()
+    try:
+        public = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return False
     try:
         if isinstance(key, rsa.RSAPrivateKey) and isinstance(
             public, rsa.RSAPublicKey

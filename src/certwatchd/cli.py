@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,7 +97,11 @@ def _prepare(
     logs.configure(settings.log.level, settings.log.format)
     ownership = resolve_ownership(settings)
     trust = TrustStore.from_setting(settings.validation.trust)
-    return settings, Synchronizer(settings, ownership, trust)
+    # A one-shot command has no other thread, so it may validate in
+    # child processes, one per CPU it may run on.
+    workers = len(os.sched_getaffinity(0))
+    synchronizer = Synchronizer(settings, ownership, trust, workers=workers)
+    return settings, synchronizer
 
 
 def _config_failure(exc: ConfigError) -> None:

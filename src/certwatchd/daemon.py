@@ -27,6 +27,7 @@ from certwatchd.config import Settings, load_settings, resolve_ownership
 from certwatchd.errors import ConfigError, PairError
 from certwatchd.notify import Notifier, watchdog_interval
 from certwatchd.queue import Backoff, Debounce, DirtySet
+from certwatchd.reload import Supervisor
 from certwatchd.sources import Pending, Source, read_lineage
 from certwatchd.sync import Report, Synchronizer
 from certwatchd.verification import Verdict, reload_and_verify
@@ -40,6 +41,12 @@ EXPIRY_CHECK_SECONDS = 86400.0
 # The longest the loop sleeps, so a source directory that appears is
 # noticed within this many seconds even when no event arrives.
 TICK_SECONDS = 1.0
+# A reload still running at stop gets this long to finish, since a
+# restarted daemon would not reload for pairs already installed; then it
+# is killed, so the daemon exits well within systemd's stop timeout.
+STOP_GRACE_SECONDS = 2.0
+# How long a reload killed at stop gets to log its end.
+STOP_REAP_SECONDS = 1.0
 
 
 class Wakeup:
@@ -47,9 +54,12 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
 
     def wake(self) -> None:
-        """Wake the loop; safe in a signal handler."""
+        """Wake the loop; safe in a signal handler, and once closed."""
+        if self._closed:
+            return
         with contextlib.suppress(BlockingIOError):
             os.write(self._write, b"!")
 
@@ -63,6 +73,7 @@ class Wakeup:
 
     def close(self) -> None:
         """Release the pipe."""
+        self._closed = True
         os.close(self._read)
         os.close(self._write)
 
@@ -97,6 +108,7 @@ class Daemon:
         self._dirty = DirtySet()
         self._backoff = Backoff()
         self._reload_thread: threading.Thread | None = None
+        self._reloads = Supervisor()
         self._verdict: Verdict | None = None
         self._last_verify = ""
         self._broken: dict[str, tuple[float, Source, PairError]] = {}
@@ -106,13 +118,23 @@ class Daemon:
         self._last_ping = 0.0
         self._next_reconcile = 0.0
         self._next_expiry = 0.0
+        self._next_expiry_wall = 0.0
         self._reconcile_reason: str | None = "start"
         self._runtime: _Runtime | None = None
         self.reloads_finished = 0
         """How many reload commands have finished, well or not."""
 
     def serve(self) -> int:
-        """Run until SIGTERM or SIGINT; return the exit status."""
+        """Run until SIGTERM or SIGINT; return the exit status.
+
+        The notifier is closed on return.
+        """
+        try:
+            return self._serve()
+        finally:
+            self._notifier.close()
+
+    def _serve(self) -> int:
         runtime = self._build(load_settings(self._config))
         self._runtime = runtime
         self._install_signal_handlers()
@@ -129,9 +151,22 @@ class Daemon:
         finally:
             self._notifier.stopping()
             log.info("daemon.stopping")
+            self._end_reload()
             self._runtime.watcher.stop()
             self._wakeup.close()
         return 0
+
+    def _end_reload(self) -> None:
+        """Give a running reload a moment, then kill its command.
+
+        The command runs in a session of its own, so nothing else would
+        end it when the daemon exits.
+        """
+        thread = self._reload_thread
+        if thread is not None:
+            thread.join(STOP_GRACE_SECONDS)
+        if self._reloads.end() and thread is not None:
+            thread.join(STOP_REAP_SECONDS)
 
     def stop(self) -> None:
         """Ask the loop to finish, from any thread."""
@@ -258,7 +293,9 @@ class Daemon:
 
         A lineage caught mid-renewal is read as it is ("settled") after
         ``debounce_seconds`` of quiet; while certbot's ``previous_*``
-        links show it is between swaps, after ``max_delay_seconds``.
+        links show it is between swaps, after ``max_delay_seconds``. A
+        waiting lineage is not looked at again before then, unless an
+        event comes.
         """
         reload = self.runtime.settings.reload
         item = read_lineage(
@@ -269,8 +306,13 @@ class Daemon:
         patience = reload.debounce_seconds
         if item.swapping:
             patience = max(patience, reload.max_delay_seconds)
-        quiet = self._dirty.quiet_since(LINEAGE_PREFIX + name, now)
-        return "settled" if quiet >= patience else "waiting"
+        key = LINEAGE_PREFIX + name
+        quiet = self._dirty.quiet_since(key, now)
+        if quiet >= patience:
+            return "settled"
+        # Only an event (which ends the wait) or time can change that.
+        self._dirty.wait(key, now - quiet + patience)
+        return "waiting"
 
     def _reconcile(self, now: float, reason: str) -> None:
         log.info("reconcile.started", reason=reason)
@@ -339,7 +381,8 @@ class Daemon:
     def _reload_worker(
         self, settings: Settings, synchronizer: Synchronizer
     ) -> None:
-        self._verdict = reload_and_verify(settings, synchronizer)
+        with self._reloads.watching():
+            self._verdict = reload_and_verify(settings, synchronizer)
         self._wakeup.wake()
 
     def _finish_reload(self, now: float) -> None:
@@ -378,12 +421,20 @@ class Daemon:
             self._last_verify = f", VERIFY FAILED at {_clock_time()}"
 
     def _check_expiry(self) -> None:
+        """Report the hosts near expiry once a day, by either clock.
+
+        The wall clock can jump (a clock set by hand, a machine resumed)
+        while the monotonic one does not, and a jump forward can bring
+        expiry days nearer at once.
+        """
         now = self._clock()
-        if now < self._next_expiry:
+        today = datetime.now(UTC)
+        wall = today.timestamp()
+        if now < self._next_expiry and wall < self._next_expiry_wall:
             return
         self._next_expiry = now + EXPIRY_CHECK_SECONDS
+        self._next_expiry_wall = wall + EXPIRY_CHECK_SECONDS
         expiry = self.runtime.settings.expiry
-        today = datetime.now(UTC)
         for host, not_after in sorted(self._hosts.items()):
             days = (not_after - today).days
             if days < expiry.critical_days:
@@ -404,19 +455,30 @@ class Daemon:
         self._notifier.watchdog()
 
     def _sleep_for(self) -> float:
+        """Return how long the loop may sleep before something is due."""
         now = self._clock()
-        quiet = self.runtime.settings.reload.debounce_seconds
-        candidates = [
-            now + TICK_SECONDS,
-            self._next_reconcile,
-            self._dirty.next_quiet(quiet),
-            self.runtime.reload.due_at(),
-            self._backoff.retry_at,
-        ]
+        candidates: list[float | None] = [now + TICK_SECONDS]
         if self._watchdog_every is not None:
             candidates.append(self._last_ping + self._watchdog_every)
+        if self._reload_thread is None:
+            # While a reload runs, _turn holds all of these back, and the
+            # reload's end wakes the loop.
+            quiet = self.runtime.settings.reload.debounce_seconds
+            candidates += [
+                now if self._reconcile_reason else self._next_reconcile,
+                self._dirty.next_quiet(quiet),
+                self._reload_due(),
+            ]
         wake_at = min(c for c in candidates if c is not None)
         return max(wake_at - now, 0.0)
+
+    def _reload_due(self) -> float | None:
+        """Return when a requested reload may start: due, and no backoff."""
+        due = self.runtime.reload.due_at()
+        retry = self._backoff.retry_at
+        if due is None or retry is None:
+            return due
+        return max(due, retry)
 
     def _reread_settings(self) -> None:
         self._notifier.reloading()

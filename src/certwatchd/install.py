@@ -34,7 +34,7 @@ import structlog
 from certwatchd.config import Ownership
 from certwatchd.errors import InstallError, PairError
 from certwatchd.pem import read_small_file
-from certwatchd.state import StateDir
+from certwatchd.state import StateDir, digest
 
 log = structlog.get_logger()
 
@@ -93,43 +93,58 @@ class Installer:
         self.layout = layout
         self.modes = modes
         self.state = state
-        self._reads: dict[Path, bytes | None] = {}
 
     def paths(self, host: str) -> tuple[Path, Path]:
         """Return the certificate and key paths Prosody uses for ``host``."""
         return host_paths(self.certs_dir, self.layout, host)
 
-    def needs_write(self, content: Content) -> bool:
-        """Say whether the files on disk differ from ``content``."""
-        cert_path, key_path = self.paths(content.host)
-        return self.read(cert_path) != content.cert_pem or (
-            self.read(key_path) != content.key_pem
+    def needs_write(
+        self, content: Content, paths: tuple[Path, Path] | None = None
+    ) -> bool:
+        """Say whether the files on disk differ from ``content``.
+
+        ``paths`` are the host's, when the caller has them already.
+        """
+        cert_path, key_path = paths or self.paths(content.host)
+        return self.digest_of(cert_path) != digest(content.cert_pem) or (
+            self.digest_of(key_path) != digest(content.key_pem)
         )
 
-    def read(self, path: Path) -> bytes | None:
-        """Return what ``path`` holds now, or ``None`` if it cannot be read.
+    def differs(
+        self, paths: tuple[Path, Path], cert_digest: str, key_digest: str
+    ) -> bool:
+        """Say whether the files at ``paths`` differ from these digests."""
+        return self.digest_of(paths[0]) != cert_digest or (
+            self.digest_of(paths[1]) != key_digest
+        )
 
-        Reads are remembered until :meth:`forget_reads`, so one pass reads
-        each installed file once however many checks look at it.
+    def digest_of(self, path: Path) -> str | None:
+        """Return the digest of what ``path`` holds, ``None`` if unreadable.
+
+        A file unchanged since it was last read is not read again.
         """
-        if path not in self._reads:
-            self._reads[path] = _read_or_none(path)
-        return self._reads[path]
+        return self.state.digest_of(path)
 
-    def forget_reads(self) -> None:
-        """Drop remembered reads; the next pass sees the disk afresh."""
-        self._reads.clear()
+    def read(self, path: Path) -> bytes | None:
+        """Return what ``path`` holds now, or ``None`` if it cannot be read."""
+        return _read_or_none(path)
 
     def mode_for(self, *, key: bool) -> int:
         """Return the configured mode of a key or a certificate."""
         return self.modes.key_mode if key else self.modes.cert_mode
 
-    def wrong_attributes(self, path: Path, wanted: int) -> str | None:
-        """Describe how ``path``'s owner or mode differ, or ``None``."""
-        try:
-            info = os.stat(path)
-        except OSError:
-            return None
+    def wrong_attributes(
+        self, path: Path, wanted: int, info: os.stat_result | None = None
+    ) -> str | None:
+        """Describe how ``path``'s owner or mode differ, or ``None``.
+
+        ``info`` is the file's stat, when the caller has it already.
+        """
+        if info is None:
+            try:
+                info = os.stat(path)
+            except OSError:
+                return None
         problems = []
         if stat.S_IMODE(info.st_mode) != wanted:
             problems.append(
@@ -179,29 +194,16 @@ class Installer:
         staged = []
         for content in contents:
             if keep_previous:
-                self._keep_previous(content.host)
+                self._keep_previous(content.host, batch)
             try:
                 staged.append(self._stage(content, batch))
             except InstallError as exc:
                 log.error("install.failed", host=content.host, error=str(exc))
                 log.debug("install.failed_detail", exc_info=True)
 
-        try:
-            batch.barrier()
-        except OSError as exc:
-            for step in staged:
-                step.abort()
-            log.error(
-                "install.failed",
-                hosts=len(staged),
-                error=f"cannot flush to disk: {exc.strerror}",
-            )
+        if not self._flush(staged, batch):
             return []
 
-        for step in staged:
-            step.expect()
-        if staged:
-            self.state.save()
         done = []
         for step in staged:
             try:
@@ -213,16 +215,43 @@ class Installer:
             done.append(step.host)
         batch.sync_directories()
         self.state.settle()
-        self.forget_reads()
         return done
 
-    def _keep_previous(self, host: str) -> None:
+    def _flush(self, staged: list[_Step], batch: _Batch) -> bool:
+        """Make the staged files and the record of them durable.
+
+        The record of what is about to be renamed into place is flushed
+        by the same barrier as the files. On failure nothing is renamed.
+        """
+        for step in staged:
+            step.expect()
+        if staged:
+            self.state.save(durable=False)
+        try:
+            if staged:
+                batch.track(self.state.record_path)
+            batch.barrier()
+        except OSError as exc:
+            for step in staged:
+                step.abort()
+            log.error(
+                "install.failed",
+                hosts=len(staged),
+                error=f"cannot flush to disk: {exc.strerror}",
+            )
+            return False
+        return True
+
+    def _keep_previous(self, host: str, batch: _Batch) -> None:
         """Keep the pair being replaced if certwatchd installed it.
 
         Only a pair certwatchd wrote (and so validated) is kept: a pair
         someone else put there is backed up, never restored by a rollback.
+        The copies are flushed with the batch.
         """
         cert_path, key_path = self.paths(host)
+        if not os.path.lexists(cert_path):
+            return
         cert_pem = self.read(cert_path)
         key_pem = self.read(key_path)
         if cert_pem is None or key_pem is None:
@@ -232,7 +261,17 @@ class Installer:
             and self.state.is_ours(key_path, key_pem)
         ):
             return
-        self.state.keep_previous(host, cert_pem, key_pem)
+        kept = self.state.keep_previous(host, cert_pem, key_pem, durable=False)
+        try:
+            for path in kept:
+                batch.track(path)
+        except OSError as exc:
+            log.warning(
+                "state.previous_not_kept",
+                host=host,
+                error=exc.strerror,
+                consequence="no rollback possible for this host",
+            )
 
     def _stage(self, content: Content, batch: _Batch) -> _Step:
         if self.layout == "flat":
@@ -248,7 +287,7 @@ class Installer:
         )
         try:
             for path, data, mode in files:
-                if self.read(path) == data:
+                if self.digest_of(path) == digest(data):
                     continue
                 self._back_up_if_placed_by_hand(path)
                 temporary = batch.write(path.parent, data, mode, self.modes)
@@ -335,9 +374,9 @@ class Installer:
             if entry.is_symlink() and not entry.name.endswith(TEMP_SUFFIX)
         }
         for entry in entries:
-            path = Path(entry.path)
             if not entry.name.startswith(TEMP_PREFIX):
                 continue
+            path = Path(entry.path)
             if entry.name.endswith(TEMP_SUFFIX):
                 path.unlink(missing_ok=True)
                 removed.append(path)
@@ -421,11 +460,17 @@ class _Step:
 
 
 class _Batch:
-    """Temporary files written together and made durable together."""
+    """Temporary files written together and made durable together.
+
+    With syncfs(2), one flush per file system covers every file, so only
+    one descriptor per file system stays open until the barrier; without
+    it, each file is flushed before it is closed.
+    """
 
     def __init__(self) -> None:
-        self.files: list[int] = []
         self.directories: set[Path] = set()
+        self._anchors: dict[int, int] = {}
+        self._devices: dict[Path, int] = {}
 
     def write(
         self, directory: Path, data: bytes, mode: int, modes: Modes
@@ -433,7 +478,6 @@ class _Batch:
         """Write ``data`` to a new temporary file in ``directory``."""
         path = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
         self.write_final(path, data, mode, modes)
-        self.directories.add(directory)
         return path
 
     def write_final(
@@ -451,23 +495,51 @@ class _Batch:
                 view = view[written:]
             os.fchown(fd, modes.ownership.uid, modes.ownership.gid)
             os.fchmod(fd, mode)
+            fd = self._hold(fd, path.parent)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        self.files.append(fd)
+        if fd >= 0:
+            os.close(fd)
         self.directories.add(path.parent)
+
+    def track(self, path: Path) -> None:
+        """Make an already written file durable with the rest of the batch."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(path, flags)
+        try:
+            fd = self._hold(fd, path.parent)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _hold(self, fd: int, directory: Path) -> int:
+        """Keep ``fd`` if the barrier needs it; else return it to close.
+
+        Returns -1 when the batch kept the descriptor.
+        """
+        if not _HAS_SYNCFS:
+            os.fsync(fd)
+            return fd
+        device = self._devices.get(directory)
+        if device is None:
+            device = self._devices[directory] = os.fstat(fd).st_dev
+        if device in self._anchors:
+            return fd
+        self._anchors[device] = fd
+        return -1
 
     def barrier(self) -> None:
         """Make every written file durable with as few flushes as possible."""
         try:
-            if self.files and not _syncfs(self.files[0]):
-                for fd in self.files:
+            for fd in self._anchors.values():
+                if not _syncfs(fd):
                     os.fsync(fd)
         finally:
-            for fd in self.files:
+            for fd in self._anchors.values():
                 os.close(fd)
-            self.files.clear()
+            self._anchors.clear()
 
     def sync_directories(self) -> None:
         """Make the renames durable: one fsync per touched directory."""
@@ -489,6 +561,7 @@ class _Batch:
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_HAS_SYNCFS = getattr(_libc, "syncfs", None) is not None
 
 
 def _syncfs(fd: int) -> bool:

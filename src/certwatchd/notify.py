@@ -29,14 +29,31 @@ def watchdog_interval() -> float | None:
 
 
 class Notifier:
-    """Sends sd_notify messages to the service manager."""
+    """Sends sd_notify messages to the service manager.
+
+    Holds a socket while ``$NOTIFY_SOCKET`` names one; :meth:`close`
+    releases it.
+    """
 
     def __init__(self) -> None:
-        self._notifier = sdnotify.SystemdNotifier()
+        # Without a socket to name, sdnotify would open one and drop it
+        # unclosed; so it is not asked to.
+        self._notifier = (
+            sdnotify.SystemdNotifier()
+            if os.environ.get("NOTIFY_SOCKET")
+            else None
+        )
         self._status = ""
 
     def _send(self, *lines: str) -> None:
-        self._notifier.notify("\n".join(lines))
+        if self._notifier is not None:
+            self._notifier.notify("\n".join(lines))
+
+    def close(self) -> None:
+        """Close the socket; later messages go nowhere."""
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None and notifier.socket is not None:
+            notifier.socket.close()
 
     def ready(self, status: str) -> None:
         """Say start-up (or a reload of the settings) is complete."""

@@ -12,9 +12,9 @@ from certwatchd.errors import PairError
 
 MAX_FILE_BYTES = 1 << 20
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----",
-    re.DOTALL,
+# White space as bytes.strip() sees it, then a block's first line.
+_PEM_HEADER = re.compile(
+    rb"[ \t\n\r\x0b\x0c]*(-----BEGIN ([A-Z0-9 ]+)-----\r?\n)"
 )
 
 
@@ -29,6 +29,9 @@ def read_small_file(path: Path) -> bytes:
         fd = os.open(path, flags)
     except OSError as exc:
         raise PairError(str(path), _open_failure(exc)) from None
+    except ValueError:
+        # No file system name holds a NUL byte; os.open refuses to try.
+        raise PairError(str(path), "has a NUL byte in its name") from None
 
     try:
         info = os.fstat(fd)
@@ -93,13 +96,20 @@ def split_pem(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
     if not data.strip():
         raise PairError(str(path), "is empty")
 
+    # Each block is looked for only where the previous one ended, and its
+    # end line with one forward search: hostile text of many unfinished
+    # blocks costs one pass over the data, not one pass per block.
     blocks = []
     position = 0
-    for match in _PEM_BLOCK.finditer(data):
-        if data[position : match.start()].strip():
+    while header := _PEM_HEADER.match(data, position):
+        label = header.group(2)
+        footer = b"-----END " + label + b"-----"
+        end = data.find(footer, header.end())
+        if end < 0:
             break
-        blocks.append((match.group(1), match.group(0) + b"\n"))
-        position = match.end()
+        block_end = end + len(footer)
+        blocks.append((label, data[header.start(1) : block_end] + b"\n"))
+        position = block_end
 
     if not blocks:
         raise PairError(str(path), _not_pem_reason(data))

@@ -78,13 +78,24 @@ class Backoff:
 
 @dataclass
 class DirtySet:
-    """Sources touched by events, with the time of each one's last event."""
+    """Sources touched by events, with the time of each one's last event.
+
+    A key can be put off (:meth:`wait`) until a given time; a new event
+    for it ends the wait.
+    """
 
     touched: dict[str, float] = field(default_factory=dict)
+    waiting: dict[str, float] = field(default_factory=dict)
 
     def mark(self, key: str, now: float) -> None:
         """Note an event for ``key``."""
         self.touched[key] = now
+        self.waiting.pop(key, None)
+
+    def wait(self, key: str, until: float) -> None:
+        """Put ``key`` off until ``until``, unless an event comes first."""
+        if key in self.touched:
+            self.waiting[key] = until
 
     def quiet_since(self, key: str, now: float) -> float:
         """Return how long ``key`` has had no event (0 if it is clean)."""
@@ -98,12 +109,20 @@ class DirtySet:
     def discard(self, key: str) -> None:
         """Forget ``key`` once it has been handled."""
         self.touched.pop(key, None)
+        self.waiting.pop(key, None)
 
     def next_quiet(self, quiet: float) -> float | None:
-        """Return when the next key will have been quiet for ``quiet`` s."""
+        """Return when the next key is due another look.
+
+        That is once it has been quiet for ``quiet`` seconds, or, for a
+        key put off by :meth:`wait`, when its wait ends.
+        """
         if not self.touched:
             return None
-        return min(self.touched.values()) + quiet
+        return min(
+            self.waiting.get(key, last + quiet)
+            for key, last in self.touched.items()
+        )
 
     def __bool__(self) -> bool:
         return bool(self.touched)

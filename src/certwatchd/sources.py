@@ -6,6 +6,7 @@ Scanning only looks at names and links; reading and judging the files is
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -13,8 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from certwatchd.errors import PairError
+
 LINKS = ("cert", "chain", "fullchain", "privkey")
-_ARCHIVE_FILE = re.compile(r"(?:cert|chain|fullchain|privkey)(\d+)\.pem")
+# The archive file certbot points each live link at: cert3.pem for cert.
+_ARCHIVE_FILES = {
+    link: re.compile(rf"{link}([0-9]+)\.pem", re.ASCII) for link in LINKS
+}
+# What os.listdir says about a name under live/ that is no lineage.
+_NO_LINEAGE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
 
 Origin = Literal["letsencrypt", "prosody"]
 
@@ -51,17 +59,39 @@ class Pending:
 
 
 def list_lineages(live: Path) -> list[str]:
-    """Name every directory directly under ``live``, sorted."""
-    try:
-        entries = list(os.scandir(live))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    """Name every directory directly under ``live``, sorted.
+
+    A missing ``live`` has no lineages; one that cannot be listed raises
+    :class:`PairError`.
+    """
     return sorted(
         entry.name
-        for entry in entries
-        if entry.is_dir(follow_symlinks=False)
+        for entry in _entries(live)
+        if _is_dir(entry, follow_symlinks=False)
         and not entry.name.startswith(".")
     )
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    """List ``directory``; nothing if it is missing or not a directory."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        msg = f"cannot be listed: {exc.strerror}"
+        raise PairError(str(directory), msg) from None
+    except ValueError:
+        raise PairError(str(directory), "has a NUL byte in its name") from None
+
+
+def _is_dir(entry: os.DirEntry[str], *, follow_symlinks: bool) -> bool:
+    """Say whether ``entry`` is a directory; a symlink loop is not."""
+    try:
+        return entry.is_dir(follow_symlinks=follow_symlinks)
+    except OSError:
+        return False
 
 
 def read_lineage(
@@ -77,11 +107,18 @@ def read_lineage(
     directory = live / name
     try:
         names = set(os.listdir(directory))
-    except (FileNotFoundError, NotADirectoryError):
+    except ValueError:
         return None
+    except OSError as exc:
+        if exc.errno in _NO_LINEAGE:
+            return None
+        # A lineage that cannot be listed (permission denied, an I/O
+        # error) is taken as it is: reading its pair names the problem.
+        names, settled = {"fullchain.pem", "privkey.pem"}, True
 
     if not settled:
-        reason = _renewal_in_progress(directory, names)
+        archive = live.parent / "archive" / name
+        reason = _renewal_in_progress(directory, names, archive)
         if reason:
             swapping = any(n.startswith("previous_") for n in names)
             return Pending(name, directory, reason, swapping=swapping)
@@ -101,27 +138,55 @@ def read_lineage(
     )
 
 
-def _renewal_in_progress(directory: Path, names: set[str]) -> str | None:
-    previous = sorted(n for n in names if n.startswith("previous_"))
-    if previous:
-        return f"certbot is swapping links ({previous[0]} present)"
+def _renewal_in_progress(
+    directory: Path, names: set[str], archive: Path
+) -> str | None:
+    """Say why the lineage looks mid-renewal, or ``None`` if it does not.
 
+    certbot only ever points a live link at its own kind of file in the
+    lineage's archive directory. A link that leads anywhere else is no
+    renewal in progress, however long one waits: the lineage is read as
+    it is and validation refuses what the link leads to.
+    """
     versions = {}
     for link in LINKS:
         try:
             target = os.readlink(directory / f"{link}.pem")
-        except FileNotFoundError:
-            continue
         except OSError:
             continue
-        match = _ARCHIVE_FILE.fullmatch(os.path.basename(target))
-        versions[link] = (os.path.dirname(target), match and match.group(1))
+        version = _archive_version(directory, target, link, archive)
+        if version is None:
+            return None
+        versions[link] = version
 
+    previous = sorted(n for n in names if n.startswith("previous_"))
+    if previous:
+        return f"certbot is swapping links ({previous[0]} present)"
     if len(set(versions.values())) > 1:
         shown = ", ".join(
-            f"{link}={version[1]}" for link, version in versions.items()
+            f"{link}={version}" for link, version in versions.items()
         )
         return f"links point at different archive versions ({shown})"
+    return None
+
+
+def _archive_version(
+    directory: Path, target: str, link: str, archive: Path
+) -> str | None:
+    """Return the version a live link names, if certbot could have made it.
+
+    That is ``<link><N>.pem`` in ``archive``, reached from ``directory``
+    by the link's own path or, should ``live`` sit behind a symlink, by
+    the real path.
+    """
+    match = _ARCHIVE_FILES[link].fullmatch(os.path.basename(target))
+    if match is None:
+        return None
+    parent = os.path.join(directory, os.path.dirname(target))
+    if os.path.normpath(parent) == os.path.normpath(archive):
+        return match.group(1)
+    if os.path.realpath(parent) == os.path.realpath(archive):
+        return match.group(1)
     return None
 
 
@@ -147,11 +212,7 @@ def hand_placed(
     ``<name>/fullchain.pem`` beside ``<name>/privkey.pem``. Dot-names are
     skipped, as Prosody skips them.
     """
-    try:
-        entries = sorted(os.scandir(certs_dir), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-
+    entries = sorted(_entries(certs_dir), key=lambda e: e.name)
     names = {entry.name for entry in entries}
     for entry in entries:
         if entry.name.startswith("."):
@@ -162,7 +223,7 @@ def hand_placed(
             key = certs_dir / f"{stem}.key"
             if f"{stem}.key" in names and not is_ours(path):
                 yield Source("prosody", entry.name, path, key, path)
-        elif entry.is_dir() and not is_ours(path):
+        elif _is_dir(entry, follow_symlinks=True) and not is_ours(path):
             cert = path / "fullchain.pem"
             key = path / "privkey.pem"
             if os.path.lexists(cert) and os.path.lexists(key):

@@ -6,9 +6,13 @@ daemon only decides when. Reloading Prosody is the caller's business.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import pickle
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -16,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from certwatchd.cache import ValidationCache
-from certwatchd.certificate import Pair, TrustStore, load_pair
+from certwatchd.cache import LineageCache, ValidationCache
+from certwatchd.certificate import Pair, TrustStore, Verdicts, load_pair
 from certwatchd.config import Ownership, Settings
 from certwatchd.errors import InstallError, PairError
 from certwatchd.install import Content, Installer, Modes
@@ -27,15 +31,27 @@ from certwatchd.sources import (
     Source,
     hand_placed,
     list_lineages,
-    read_lineage,
 )
-from certwatchd.state import StateDir
+from certwatchd.state import StateDir, digest
 
 log = structlog.get_logger()
+
+_LIBC_NAME = ctypes.util.find_library("c")
+_LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 
 # A validated pair is re-verified after this long even if its files did
 # not change, so an intermediate that expires is noticed.
 _REVERIFY_AFTER = timedelta(hours=1)
+# Validation is spread over processes only when each gets this many
+# pairs; below it, starting a process costs more than it saves.
+_PER_WORKER = 64
+# Up to this many hosts, validated pairs and records stay in memory
+# between passes; beyond it, each pass reads them from the state
+# directory, so the memory of a daemon at rest does not grow with them.
+_KEPT_IN_MEMORY = 500
+# A stat signature stands for a file's contents only once the file has
+# been left alone this long (see state.py).
+_SETTLED_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,40 @@ class _Checked:
     pair: Pair
     signature: tuple[object, ...]
     verified_at: datetime
+    digest: str | None
+
+
+class _Deferred(Exception):  # noqa: N818 - a signal, not an error
+    """Raised to put off a validation the cache could not answer."""
+
+
+class _Recorder:
+    """Passes verdicts through, noting what a load used or found."""
+
+    def __init__(self, inner: Verdicts | None, *, defer: bool) -> None:
+        self._inner = inner
+        self._defer = defer
+        self.digest: str | None = None
+        self.validated = False
+
+    def recall(
+        self, digest: str, cert_path: Path, key_path: Path, blocks: bytes
+    ) -> Pair | None:
+        """Answer from the cache, or put the validation off."""
+        self.digest = digest
+        known = None
+        if self._inner is not None:
+            known = self._inner.recall(digest, cert_path, key_path, blocks)
+        if known is None and self._defer:
+            raise _Deferred
+        return known
+
+    def remember(self, digest: str, pair: Pair) -> None:
+        """Note a pair that was validated just now."""
+        self.digest = digest
+        self.validated = True
+        if self._inner is not None:
+            self._inner.remember(digest, pair)
 
 
 class Synchronizer:
@@ -100,9 +150,14 @@ class Synchronizer:
         ownership: Ownership,
         trust: TrustStore,
         tick: Callable[[], None] | None = None,
+        *,
+        workers: int = 1,
     ) -> None:
         self.settings = settings
         self._tick = tick or _nothing
+        # Processes to validate in; more than one only where forking is
+        # safe (no other threads), as in the one-shot commands.
+        self.workers = workers
         self.trust = trust
         install = settings.install
         self.state = StateDir(settings.state.dir, install.certs_dir)
@@ -113,9 +168,18 @@ class Synchronizer:
             self.state,
         )
         self._checked: dict[tuple[Path, Path], _Checked] = {}
+        self._remembering = True
+        # Pairs recalled in this pass without reading their files: the
+        # digests of the certificate and key as they would be installed.
+        self._unread: dict[tuple[Path, Path], tuple[str, str]] = {}
+        self._read_pairs: dict[tuple[Path, Path], Pair] = {}
+        self._looked_at: set[tuple[Path, Path]] = set()
         self.verdicts = ValidationCache(self.state)
-        # Host -> fingerprint of the leaf Prosody should serve for it.
+        self.lineages = LineageCache(self.state)
+        # Host -> fingerprint of the leaf Prosody should serve for it,
+        # for the hosts whose endpoints are probed after a reload.
         self.expected: dict[str, str] = {}
+        self._probed = {e.host for e in settings.verify.endpoints}
         # Held by every method that writes, so a rollback on the reload
         # thread never interleaves with a pass.
         self.lock = threading.RLock()
@@ -148,31 +212,64 @@ class Synchronizer:
 
         self._apply(plan, report)
         self.verdicts.save()
-        self.expected.update(plan.serving)
+        self.lineages.save()
+        if self.state.dirty:
+            self.state.save(durable=False)
+        for host, fingerprint in plan.serving.items():
+            self._expect(host, fingerprint)
         for choice in plan.choices:
             if not choice.write or choice.host in report.installed:
-                self.expected[choice.host] = choice.pair.fingerprint
+                self._expect(choice.host, choice.pair.fingerprint)
+        self._release(len(plan.choices))
         return report
+
+    def _expect(self, host: str, fingerprint: str) -> None:
+        """Note what Prosody should serve for ``host``, if it is probed."""
+        if host in self._probed:
+            self.expected[host] = fingerprint
+
+    def _release(self, hosts: int) -> None:
+        """Bound what stays in memory between passes.
+
+        Beyond a few hundred hosts the caches are left on disk, where the
+        next pass finds them, rather than kept in memory.
+        """
+        self._looked_at = set()
+        self._unread = {}
+        self._read_pairs = {}
+        if hosts <= _KEPT_IN_MEMORY:
+            return
+        self._checked = {}
+        self.verdicts.release()
+        self.lineages.release()
+        self.state.release()
+        _return_free_memory()
 
     def plan(self, *, settled: Collection[str] = ()) -> Plan:
         """Decide what every host should hold; change nothing."""
         now = datetime.now(UTC)
         plan = Plan()
-        self.installer.forget_reads()
+        self.verdicts.begin()
+        self.lineages.begin()
+        self.state.forget()
+        self._looked_at = set()
+        self._unread = {}
+        self._read_pairs = {}
         sources = self._discover(plan, settled)
+        # Past a few hundred pairs, validations are not kept in memory
+        # (see _release), so their files need no stat signature either.
+        self._remembering = len(sources) <= _KEPT_IN_MEMORY
 
+        outcomes = self._check_all(sources, now)
         valid: dict[str, tuple[Source, Pair]] = {}
-        for index, source in enumerate(sources):
-            if index % 100 == 0:
-                self._tick()
-            try:
-                valid[source.key] = (source, self._check(source, now))
-            except PairError as exc:
-                plan.refused[str(exc.path)] = exc.reason
-                self._report_refusal(source, exc)
-                if source.origin == "prosody" and exc.breaks_tls:
-                    plan.broken.append((source, exc))
+        for source, outcome in zip(sources, outcomes, strict=True):
+            if isinstance(outcome, PairError):
+                plan.refused[str(outcome.path)] = outcome.reason
+                self._report_refusal(source, outcome)
+                if source.origin == "prosody" and outcome.breaks_tls:
+                    plan.broken.append((source, outcome))
             else:
+                valid[source.key] = (source, outcome)
                 self._reported.pop(source.key, None)
 
         for source, _ in valid.values():
@@ -188,7 +285,97 @@ class Synchronizer:
         names = _NameIndex(valid.values())
         for host in sorted(self._hosts(valid)):
             self._plan_host(plan, host, names.covering(host), now)
+        # Forget pairs whose files no pass looks at any more.
+        self._checked = {
+            paths: checked
+            for paths, checked in self._checked.items()
+            if paths in self._looked_at
+        }
         return plan
+
+    def _check_all(
+        self, sources: list[Source], now: datetime
+    ) -> list[Pair | PairError]:
+        """Validate every source; return a pair or the refusal for each.
+
+        What the caches cannot answer is validated in up to ``workers``
+        processes when there is enough of it.
+        """
+        parallel = self.workers > 1
+        outcomes: list[Pair | PairError | None] = []
+        deferred: list[int] = []
+        for index, source in enumerate(sources):
+            if index % 100 == 0:
+                self._tick()
+            try:
+                outcomes.append(self._check(source, now, defer=parallel))
+            except _Deferred:
+                outcomes.append(None)
+                deferred.append(index)
+            except PairError as exc:
+                outcomes.append(exc)
+        if deferred:
+            chosen = [sources[index] for index in deferred]
+            for index, outcome in zip(
+                deferred, self._validate_many(chosen, now), strict=True
+            ):
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _validate_many(
+        self, sources: list[Source], now: datetime
+    ) -> list[Pair | PairError]:
+        """Validate ``sources`` that no cache knows, in several processes.
+
+        Each child validates every n-th source and sends the outcomes
+        back pickled; a child that fails has its share done here.
+        """
+        workers = min(self.workers, max(len(sources) // _PER_WORKER, 1))
+        children = []
+        for share in range(1, workers):
+            child = _fork_validation(sources[share::workers], self.trust, now)
+            if child is not None:
+                children.append((share, child))
+        outcomes: list[Pair | PairError | None] = [None] * len(sources)
+        forked = {share for share, _ in children}
+        for index, source in enumerate(sources):
+            if index % workers in forked:
+                continue
+            if index % 100 == 0:
+                self._tick()
+            try:
+                outcomes[index] = self._check(source, now)
+            except PairError as exc:
+                outcomes[index] = exc
+        for share, (pid, fd) in children:
+            results = _collect(pid, fd)
+            mine = range(share, len(sources), workers)
+            if results is None or len(results) != len(mine):
+                results = [None] * len(mine)
+            for index, result in zip(mine, results, strict=True):
+                outcomes[index] = self._adopt(sources[index], result, now)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _adopt(
+        self, source: Source, result: _Result | None, now: datetime
+    ) -> Pair | PairError:
+        """Take a child's outcome for ``source``; redo it here if missing."""
+        if result is None:
+            try:
+                return self._check(source, now)
+            except PairError as exc:
+                return exc
+        if result.pair is None:
+            return PairError(
+                result.path, result.reason, breaks_tls=result.breaks_tls
+            )
+        digest, pair = result.digest, result.pair
+        self.verdicts.remember(digest, pair)
+        paths = (source.cert_path, source.key_path)
+        signature = _signature(paths) if self._remembering else None
+        self._remember(paths, signature, pair, now, digest)
+        _log_validated(source, pair, self.trust)
+        return pair
 
     def _discover(self, plan: Plan, settled: Collection[str]) -> list[Source]:
         found: list[Source] = []
@@ -203,7 +390,7 @@ class Synchronizer:
                     consequence="nothing found there until it exists",
                 )
         for name in list_lineages(live):
-            item = read_lineage(live, name, settled=name in settled)
+            item = self.lineages.read(live, name, settled=name in settled)
             if isinstance(item, Pending):
                 plan.pending.append(item)
                 log.info(
@@ -220,16 +407,29 @@ class Synchronizer:
         return found
 
     def _is_ours(self, path: Path) -> bool:
-        if path.is_symlink():
+        if not self.state.is_link(path):
+            return self.state.is_ours(path)
+        try:
             return os.readlink(path).startswith(".certwatchd-")
-        return self.state.is_ours(path, self.installer.read(path))
+        except OSError:
+            return False
 
     def _check(
-        self, source: Source, now: datetime, *, announce: bool = True
+        self,
+        source: Source,
+        now: datetime,
+        *,
+        announce: bool = True,
+        defer: bool = False,
     ) -> Pair:
-        """Validate ``source``, reusing the result while its files stay."""
+        """Validate ``source``, reusing the result while its files stay.
+
+        With ``defer``, a pair no cache knows raises ``_Deferred``
+        instead of being validated here.
+        """
         paths = (source.cert_path, source.key_path)
-        signature = _signature(paths)
+        self._looked_at.add(paths)
+        signature = _signature(paths) if self._remembering else None
         cached = self._checked.get(paths)
         if (
             cached is not None
@@ -237,26 +437,84 @@ class Synchronizer:
             and cached.signature == signature
             and now - cached.verified_at < _REVERIFY_AFTER
         ):
+            if cached.digest is not None:
+                self.verdicts.keep(cached.digest)
             pair = cached.pair
             if now > pair.not_after:
                 msg = f"expired at {pair.not_after.isoformat()}"
                 raise PairError(str(source.cert_path), msg, breaks_tls=False)
             return pair
 
+        noting = not self._remembering and source.origin == "letsencrypt"
+        files = _files_signature(paths) if noting else None
+        if files is not None:
+            known = self._recall_unread(source, files[0], now)
+            if known is not None:
+                return known
+
+        recorder = _Recorder(self.verdicts, defer=defer)
         pair = load_pair(
-            source.cert_path, source.key_path, self.trust, now, self.verdicts
+            source.cert_path, source.key_path, self.trust, now, recorder
         )
-        (log.info if announce else log.debug)(
-            "cert.validated",
-            source=source.key,
-            names=",".join(pair.names),
-            serial=pair.serial,
-            not_after=pair.not_after.date().isoformat(),
-            chain="verified" if self.trust.verifies else "not checked",
-        )
-        if signature is not None:
-            self._checked[paths] = _Checked(pair, signature, now)
+        if announce and recorder.validated:
+            _log_validated(source, pair, self.trust)
+        self._remember(paths, signature, pair, now, recorder.digest)
+        if files is not None and recorder.digest is not None:
+            self._note_unread(source, files, recorder.digest, pair)
         return pair
+
+    def _recall_unread(
+        self, source: Source, files: str, now: datetime
+    ) -> Pair | None:
+        """Recall a lineage's pair by its files' stat signatures alone.
+
+        The pair comes without its PEM; :meth:`_plan_host` reads the
+        files if it has to install them.
+        """
+        prefix = f"{self.trust.identity} {files} "
+        note = self.lineages.note_of(source.name)
+        if not note.startswith(prefix):
+            return None
+        parts = note[len(prefix) :].split(" ")
+        if len(parts) != 3:  # noqa: PLR2004 - verdict, cert and key digests
+            return None
+        verdict, cert_digest, key_digest = parts
+        pair = self.verdicts.recall(
+            verdict, source.cert_path, source.key_path, b""
+        )
+        if pair is None or now >= pair.chain_not_after:
+            return None
+        pair.check_window(now)
+        self._unread[(source.cert_path, source.key_path)] = (
+            cert_digest,
+            key_digest,
+        )
+        return pair
+
+    def _note_unread(
+        self, source: Source, files: tuple[str, int], verdict: str, pair: Pair
+    ) -> None:
+        """Keep what is needed to recall ``pair`` without reading it."""
+        signature, changed = files
+        if changed >= time.time_ns() - _SETTLED_NS:
+            return
+        self.lineages.note(
+            source.name,
+            f"{self.trust.identity} {signature} {verdict}"
+            f" {digest(pair.cert_pem)} {digest(pair.key_pem)}",
+        )
+
+    def _remember(
+        self,
+        paths: tuple[Path, Path],
+        signature: tuple[object, ...] | None,
+        pair: Pair,
+        now: datetime,
+        digest: str | None,
+    ) -> None:
+        self._looked_at.add(paths)
+        if signature is not None:
+            self._checked[paths] = _Checked(pair, signature, now, digest)
 
     def _report_refusal(self, source: Source, exc: PairError) -> None:
         if self._reported.get(source.key) == exc.reason:
@@ -296,39 +554,27 @@ class Synchronizer:
         covering: list[tuple[Source, Pair]],
         now: datetime,
     ) -> None:
-        rejected = self.state.rejected(host)
-        if rejected and any(p.fingerprint in rejected for _, p in covering):
-            covering = [
-                c for c in covering if c[1].fingerprint not in rejected
-            ]
-            if not covering:
-                self._once(
-                    host,
-                    "cert.rejected_skipped",
-                    "error",
-                    host=host,
-                    reason="Prosody did not serve it after a reload; "
-                    "keeping the installed pair until certbot renews",
-                )
-                return
-        if not covering:
-            self._once(host, "host.uncovered", "warning", host=host)
+        best = self._best(host, covering)
+        if best is None:
             return
-        source, pair = max(
-            covering,
-            key=lambda item: (
-                item[1].not_before,
-                item[1].not_after,
-                str(item[1].cert_path),
-            ),
-        )
-
+        source, pair = best
         cert_path, key_path = self.installer.paths(host)
         if source.cert_path == cert_path:
             plan.serving[host] = pair.fingerprint
             return
-        content = Content(host, pair.cert_pem, pair.key_pem)
-        write = self.installer.needs_write(content)
+        unread = self._unread.get((pair.cert_path, pair.key_path))
+        if unread is not None:
+            write = self.installer.differs((cert_path, key_path), *unread)
+        else:
+            content = Content(host, pair.cert_pem, pair.key_pem)
+            write = self.installer.needs_write(content, (cert_path, key_path))
+        if write and unread is not None:
+            try:
+                pair = self._read_pair(source, now)
+            except PairError as exc:
+                plan.refused[str(exc.path)] = exc.reason
+                self._report_refusal(source, exc)
+                return
         if write:
             installed = self._installed_pair(host, now)
             if installed is not None and installed.not_after > pair.not_after:
@@ -348,6 +594,49 @@ class Synchronizer:
         plan.choices.append(Choice(host, source, pair, write))
         if not write:
             self._plan_corrections(plan, cert_path, key_path)
+
+    def _best(
+        self, host: str, covering: list[tuple[Source, Pair]]
+    ) -> tuple[Source, Pair] | None:
+        """Choose the pair ``host`` should have, if any may serve it."""
+        rejected = self.state.rejected(host)
+        if rejected and any(p.fingerprint in rejected for _, p in covering):
+            covering = [
+                c for c in covering if c[1].fingerprint not in rejected
+            ]
+            if not covering:
+                self._once(
+                    host,
+                    "cert.rejected_skipped",
+                    "error",
+                    host=host,
+                    reason="Prosody did not serve it after a reload; "
+                    "keeping the installed pair until certbot renews",
+                )
+                return None
+        if not covering:
+            self._once(host, "host.uncovered", "warning", host=host)
+            return None
+        return max(
+            covering,
+            key=lambda item: (
+                item[1].not_before,
+                item[1].not_after,
+                str(item[1].cert_path),
+            ),
+        )
+
+    def _read_pair(self, source: Source, now: datetime) -> Pair:
+        """Load a pair recalled without its PEM, this time with it.
+
+        Every host the pair serves gets the same load in this pass.
+        """
+        paths = (source.cert_path, source.key_path)
+        pair = self._read_pairs.get(paths)
+        if pair is None:
+            pair = load_pair(*paths, self.trust, now, self.verdicts)
+            self._read_pairs[paths] = pair
+        return pair
 
     def _installed_pair(self, host: str, now: datetime) -> Pair | None:
         cert_path, key_path = self.installer.paths(host)
@@ -371,7 +660,8 @@ class Synchronizer:
             )
 
     def _plan_correction(self, plan: Plan, path: Path, mode: int) -> None:
-        problem = self.installer.wrong_attributes(path, mode)
+        info = self.state.stat_of(path)
+        problem = self.installer.wrong_attributes(path, mode, info)
         if problem is not None:
             plan.corrections.append((path, mode, problem))
 
@@ -495,7 +785,7 @@ class Synchronizer:
             self.state.save()
         for pair, content in contents:
             if content.host in restored:
-                self.expected[content.host] = pair.fingerprint
+                self._expect(content.host, pair.fingerprint)
                 log.warning(
                     "rollback.installed",
                     host=content.host,
@@ -528,6 +818,128 @@ def _nothing() -> None:
     """Stand in for a missing ``tick``."""
 
 
+def _return_free_memory() -> None:
+    """Hand the heap a large pass freed back to the system, where it can.
+
+    glibc keeps freed memory for reuse; a daemon at rest after a pass
+    over thousands of pairs would otherwise keep its peak size.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
+
+
+@dataclass(frozen=True)
+class _Result:
+    """What a child sends back for one source: a pair or a refusal."""
+
+    digest: str = ""
+    pair: Pair | None = None
+    path: str = ""
+    reason: str = ""
+    breaks_tls: bool = True
+
+
+class _Capture:
+    """Verdicts for a child: it knows nothing, and keeps the digest."""
+
+    digest = ""
+
+    def recall(
+        self, digest: str, cert_path: Path, key_path: Path, blocks: bytes
+    ) -> Pair | None:
+        """Know nothing: the parent asked because its cache missed."""
+        del cert_path, key_path, blocks
+        self.digest = digest
+        return None
+
+    def remember(self, digest: str, pair: Pair) -> None:
+        """Keep the digest to send back with the pair."""
+        del pair
+        self.digest = digest
+
+
+def _fork_validation(
+    sources: list[Source], trust: TrustStore, now: datetime
+) -> tuple[int, int] | None:
+    """Validate ``sources`` in a child; return its pid and result pipe.
+
+    Returns ``None`` if no child could be started.
+    """
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 1
+        try:
+            os.close(read_end)
+            results: list[_Result] = []
+            for source in sources:
+                capture = _Capture()
+                try:
+                    pair = load_pair(
+                        source.cert_path, source.key_path, trust, now, capture
+                    )
+                except PairError as exc:
+                    results.append(
+                        _Result(
+                            path=exc.path,
+                            reason=exc.reason,
+                            breaks_tls=exc.breaks_tls,
+                        )
+                    )
+                else:
+                    results.append(_Result(capture.digest, pair))
+            data = pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_end, view) :]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    return pid, read_end
+
+
+def _collect(pid: int, fd: int) -> list[_Result | None] | None:
+    """Read a child's outcomes and reap it; ``None`` if it failed."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError:
+        chunks = []
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not chunks:
+        return None
+    try:
+        results = pickle.loads(b"".join(chunks))  # noqa: S301 - our child
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError):
+        return None
+    return results if isinstance(results, list) else None
+
+
+def _log_validated(source: Source, pair: Pair, trust: TrustStore) -> None:
+    """Log a validation done just now (not one recalled from the cache)."""
+    log.info(
+        "cert.validated",
+        source=source.key,
+        names=",".join(pair.names),
+        serial=pair.serial,
+        not_after=pair.not_after.date().isoformat(),
+        chain="verified" if trust.verifies else "not checked",
+    )
+
+
 def _log_choice(event: str, choice: Choice) -> None:
     log.info(
         event,
@@ -537,6 +949,28 @@ def _log_choice(event: str, choice: Choice) -> None:
         not_after=choice.pair.not_after.date().isoformat(),
         fingerprint=choice.pair.fingerprint[:16],
     )
+
+
+def _files_signature(paths: tuple[Path, Path]) -> tuple[str, int] | None:
+    """Sum up both files' stat signatures, and when either last changed.
+
+    ``None`` unless both are regular files.
+    """
+    parts = []
+    changed = 0
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        parts.append(
+            f"{info.st_dev}:{info.st_ino}:{info.st_size}:"
+            f"{info.st_mtime_ns}:{info.st_ctime_ns}"
+        )
+        changed = max(changed, info.st_mtime_ns, info.st_ctime_ns)
+    return ",".join(parts), changed
 
 
 def _signature(paths: tuple[Path, Path]) -> tuple[object, ...] | None:
