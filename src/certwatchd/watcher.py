@@ -19,17 +19,43 @@ from pathlib import Path
 
 import structlog
 from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.inotify import InotifyEmitter
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
 log = structlog.get_logger()
 
 # Reads (open, close without writing) must not count: certwatchd reads the
-# files it watches, and counting its own reads would make it loop.
+# files it watches, and counting its own reads would make it loop. They
+# are left out of the inotify mask itself, so a pass over thousands of
+# files does not wake watchdog's threads thousands of times either.
 _RELEVANT = frozenset({"created", "deleted", "modified", "moved", "closed"})
+_EVENT_FILTER = [
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+]
+
+# Failing to watch a root for these reasons means a kernel limit.
+_LIMITS = frozenset({errno.ENOSPC, errno.EMFILE})
 
 OnChange = Callable[[str, str], None]
 
@@ -48,22 +74,65 @@ class _Handler(FileSystemEventHandler):
                 self._on_change(self._root, os.fsdecode(path))
 
 
+class _InotifyFD(InotifyFD):
+    """watchdog's inotify reader, which also says when events were lost."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_overflow = on_overflow
+
+    def handle_event(self, event: InotifyEvent) -> None:
+        """Handle ``event`` as watchdog does; report a queue overflow."""
+        super().handle_event(event)
+        if event.is_queue_overflow:
+            self._on_overflow()
+
+
+class _Observer(BaseObserver):
+    """watchdog's inotify observer, built on :class:`_InotifyFD`.
+
+    When its queue overflows, the kernel drops events and says so once;
+    watchdog then rebuilds its watches but tells the handlers nothing.
+    """
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        inotify = _InotifyFD(on_overflow)
+        inotify.start()
+        super().__init__(InotifyEmitter, inotify_fd=inotify)
+        self._inotify = inotify
+
+    def on_thread_stop(self) -> None:
+        """Stop the emitters, then the inotify reader."""
+        super().on_thread_stop()
+        self._inotify.stop()
+        self._inotify.join()
+
+
 class Watcher:
     """Watches named roots and reports which one saw a change, and where.
 
     ``on_change(root_name, path)`` is called on watchdog's thread for each
-    relevant event; it must only record the event and return.
+    relevant event; it must only record the event and return. When
+    inotify's queue overflows, it is called with each root's own path.
     """
 
     def __init__(self, roots: dict[str, Path], on_change: OnChange) -> None:
         self._roots = roots
         self._on_change = on_change
-        self._observer: BaseObserver = Observer()
+        self._observer: BaseObserver = _Observer(self._on_overflow)
         self._watches: dict[str, ObservedWatch] = {}
         self._identity: dict[str, tuple[int, int]] = {}
         self._missing_reported: set[str] = set()
+        self._was_watched: set[str] = set()
+        # Root name -> errno of the failure to watch it, reported once.
+        self._failed: dict[str, int] = {}
+        self._overflowed = threading.Event()
         self._lock = threading.Lock()
-        self.limited = False
+
+    @property
+    def limited(self) -> bool:
+        """Say whether a root goes unwatched for want of inotify watches."""
+        return any(code in _LIMITS for code in self._failed.values())
 
     def start(self) -> None:
         """Start the observer thread and watch every root that exists."""
@@ -91,6 +160,17 @@ class Watcher:
         been missed meanwhile and a full reconcile is due.
         """
         changed = False
+        if self._overflowed.is_set():
+            # Cleared before the caller's reconcile reads anything, so an
+            # overflow after this point is reported at the next call.
+            self._overflowed.clear()
+            log.warning(
+                "watch.overflowed",
+                consequence="events were lost; reconciling everything",
+                fix="raise fs.inotify.max_queued_events (sysctl) if this "
+                "recurs",
+            )
+            changed = True
         with self._lock:
             for name, root in self._roots.items():
                 watch = self._watches.get(name)
@@ -100,20 +180,35 @@ class Watcher:
                     identity != self._identity.get(name)
                     or not self._emitter_alive(watch)
                 ):
-                    self._drop(name, watch)
+                    self._drop(name, watch, gone=not present)
                     changed = True
                     watch = None
                 if watch is None and present:
                     changed |= self._add(name, root)
-                elif not present and name not in self._missing_reported:
-                    self._missing_reported.add(name)
-                    log.warning(
-                        "watch.root_missing",
-                        root=name,
-                        path=str(root),
-                        consequence="picked up when it appears",
-                    )
+                elif not present:
+                    self._failed.pop(name, None)
+                    self._report_missing(name, root)
         return changed
+
+    def _on_overflow(self) -> None:
+        """Note that events were lost, and wake the caller (any thread)."""
+        self._overflowed.set()
+        for name, root in self._roots.items():
+            self._on_change(name, str(root))
+
+    def _report_missing(self, name: str, root: Path) -> None:
+        if name in self._missing_reported:
+            return
+        self._missing_reported.add(name)
+        # A root that vanished is a missing source, which the next pass
+        # reports; one never seen may be a mistake in the settings.
+        level = log.info if name in self._was_watched else log.warning
+        level(
+            "watch.root_missing",
+            root=name,
+            path=str(root),
+            consequence="picked up when it appears",
+        )
 
     def _emitter_alive(self, watch: ObservedWatch) -> bool:
         for emitter in self._observer.emitters:
@@ -121,16 +216,20 @@ class Watcher:
                 return emitter.is_alive()
         return False
 
-    def _drop(self, name: str, watch: ObservedWatch) -> None:
+    def _drop(self, name: str, watch: ObservedWatch, *, gone: bool) -> None:
         with contextlib.suppress(KeyError):
             self._observer.unschedule(watch)
         del self._watches[name]
-        log.warning("watch.lost", root=name, path=str(self._roots[name]))
+        # A deleted root is reported by the next pass as a missing source.
+        level = log.info if gone else log.warning
+        level("watch.lost", root=name, path=str(self._roots[name]))
 
     def _add(self, name: str, root: Path) -> bool:
         handler = _Handler(name, self._on_change)
         try:
-            watch = self._observer.schedule(handler, str(root), recursive=True)
+            watch = self._observer.schedule(
+                handler, str(root), recursive=True, event_filter=_EVENT_FILTER
+            )
         except OSError as exc:
             self._report_schedule_failure(name, root, exc)
             return False
@@ -139,14 +238,20 @@ class Watcher:
         if identity is not None:
             self._identity[name] = identity
         self._missing_reported.discard(name)
+        self._failed.pop(name, None)
+        self._was_watched.add(name)
         log.info("watch.started", root=name, path=str(root))
         return True
 
     def _report_schedule_failure(
         self, name: str, root: Path, exc: OSError
     ) -> None:
-        if exc.errno in {errno.ENOSPC, errno.EMFILE}:
-            self.limited = True
+        # Scheduling is retried at every check; say so once per cause.
+        code = exc.errno or 0
+        if self._failed.get(name) == code:
+            return
+        self._failed[name] = code
+        if code in _LIMITS:
             log.error(
                 "watch.limit_reached",
                 root=name,
