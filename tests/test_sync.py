@@ -1149,14 +1149,14 @@ def test_validation_spread_over_processes_installs_and_refuses(
     import certwatchd.sync  # noqa: PLC0415
 
     forked = []
-    fork = certwatchd.sync._fork_validation  # noqa: SLF001
+    fork = certwatchd.sync.fork_validation
 
     def counting_fork(*args):
         forked.append(len(args[0]))
         return fork(*args)
 
     monkeypatch.setattr(certwatchd.sync, "_PER_WORKER", 2)
-    monkeypatch.setattr(certwatchd.sync, "_fork_validation", counting_fork)
+    monkeypatch.setattr(certwatchd.sync, "fork_validation", counting_fork)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2})
     issued = {
         f"host{index}.example": lineage(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import pickle
 import stat
 import threading
 import time
@@ -33,6 +32,7 @@ from certwatchd.sources import (
     list_lineages,
 )
 from certwatchd.state import StateDir, digest
+from certwatchd.workers import Result, collect, fork_validation
 
 log = structlog.get_logger()
 
@@ -333,7 +333,7 @@ class Synchronizer:
         workers = min(self.workers, max(len(sources) // _PER_WORKER, 1))
         children = []
         for share in range(1, workers):
-            child = _fork_validation(sources[share::workers], self.trust, now)
+            child = fork_validation(sources[share::workers], self.trust, now)
             if child is not None:
                 children.append((share, child))
         outcomes: list[Pair | PairError | None] = [None] * len(sources)
@@ -348,7 +348,7 @@ class Synchronizer:
             except PairError as exc:
                 outcomes[index] = exc
         for share, (pid, fd) in children:
-            results = _collect(pid, fd)
+            results = collect(pid, fd)
             mine = range(share, len(sources), workers)
             if results is None or len(results) != len(mine):
                 results = [None] * len(mine)
@@ -357,7 +357,7 @@ class Synchronizer:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _adopt(
-        self, source: Source, result: _Result | None, now: datetime
+        self, source: Source, result: Result | None, now: datetime
     ) -> Pair | PairError:
         """Take a child's outcome for ``source``; redo it here if missing."""
         if result is None:
@@ -827,105 +827,6 @@ def _return_free_memory() -> None:
     trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
     if trim is not None:
         trim(0)
-
-
-@dataclass(frozen=True)
-class _Result:
-    """What a child sends back for one source: a pair or a refusal."""
-
-    digest: str = ""
-    pair: Pair | None = None
-    path: str = ""
-    reason: str = ""
-    breaks_tls: bool = True
-
-
-class _Capture:
-    """Verdicts for a child: it knows nothing, and keeps the digest."""
-
-    digest = ""
-
-    def recall(
-        self, digest: str, cert_path: Path, key_path: Path, blocks: bytes
-    ) -> Pair | None:
-        """Know nothing: the parent asked because its cache missed."""
-        del cert_path, key_path, blocks
-        self.digest = digest
-        return None
-
-    def remember(self, digest: str, pair: Pair) -> None:
-        """Keep the digest to send back with the pair."""
-        del pair
-        self.digest = digest
-
-
-def _fork_validation(
-    sources: list[Source], trust: TrustStore, now: datetime
-) -> tuple[int, int] | None:
-    """Validate ``sources`` in a child; return its pid and result pipe.
-
-    Returns ``None`` if no child could be started.
-    """
-    try:
-        read_end, write_end = os.pipe()
-    except OSError:
-        return None
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(read_end)
-        os.close(write_end)
-        return None
-    if pid == 0:  # pragma: no cover - runs in the child
-        status = 1
-        try:
-            os.close(read_end)
-            results: list[_Result] = []
-            for source in sources:
-                capture = _Capture()
-                try:
-                    pair = load_pair(
-                        source.cert_path, source.key_path, trust, now, capture
-                    )
-                except PairError as exc:
-                    results.append(
-                        _Result(
-                            path=exc.path,
-                            reason=exc.reason,
-                            breaks_tls=exc.breaks_tls,
-                        )
-                    )
-                else:
-                    results.append(_Result(capture.digest, pair))
-            data = pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_end, view) :]
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    return pid, read_end
-
-
-def _collect(pid: int, fd: int) -> list[_Result | None] | None:
-    """Read a child's outcomes and reap it; ``None`` if it failed."""
-    chunks = []
-    try:
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    except OSError:
-        chunks = []
-    finally:
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not chunks:
-        return None
-    try:
-        results = pickle.loads(b"".join(chunks))  # noqa: S301 - our child
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError):
-        return None
-    return results if isinstance(results, list) else None
 
 
 def _log_validated(source: Source, pair: Pair, trust: TrustStore) -> None:
