@@ -111,6 +111,44 @@ def test_pinned_paths_survive_a_later_swap(tree, authority, issued):
     assert source.key_path.read_bytes() == issued.key_pem
 
 
+@pytest.mark.parametrize("reads", [1, 2, 3, 4, 5, 6])
+def test_a_renewal_between_link_reads_never_tears_the_pair(
+    tree, authority, issued, monkeypatch, reads
+):
+    """A renewal landing while the links are read gives one generation.
+
+    The race cannot be timed for real, so the renewal is run from inside
+    the ``reads``-th readlink of the lineage, before it answers.
+    """
+    import certwatchd.sources  # noqa: PLC0415
+
+    tree.create_lineage("example.com", issued)
+    renewed = authority.issue(["example.com"])
+    real_readlink = os.readlink
+    calls = []
+
+    def readlink_with_a_renewal(path):
+        calls.append(path)
+        if len(calls) == reads:
+            tree.renew("example.com", renewed)
+        return real_readlink(path)
+
+    monkeypatch.setattr(
+        certwatchd.sources.os, "readlink", readlink_with_a_renewal
+    )
+    item = read_lineage(tree.live, "example.com")
+    monkeypatch.undo()
+
+    if isinstance(item, Pending):
+        return
+    pairs = {
+        (issued.fullchain_pem, issued.key_pem),
+        (renewed.fullchain_pem, renewed.key_pem),
+    }
+    read = (item.cert_path.read_bytes(), item.key_path.read_bytes())
+    assert read in pairs
+
+
 @pytest.mark.parametrize("swapped", [0, 1, 2, 3, 4])
 def test_every_step_of_a_renewal_is_pending(tree, authority, issued, swapped):
     """While previous_* links exist, the lineage is pending."""

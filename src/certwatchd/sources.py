@@ -116,9 +116,14 @@ def read_lineage(
         # error) is taken as it is: reading its pair names the problem.
         names, settled = {"fullchain.pem", "privkey.pem"}, True
 
+    # The links are read once: the consistency check and the pinned
+    # paths come from the same reads. Four reads that name one version
+    # name one generation whatever certbot swapped meanwhile, since it
+    # swaps each link once per renewal and never rewrites an archive file.
+    targets = _read_links(directory, names)
     if not settled:
         archive = live.parent / "archive" / name
-        reason = _renewal_in_progress(directory, names, archive)
+        reason = _renewal_in_progress(directory, names, archive, targets)
         if reason:
             swapping = any(n.startswith("previous_") for n in names)
             return Pending(name, directory, reason, swapping=swapping)
@@ -132,14 +137,37 @@ def read_lineage(
     return Source(
         origin="letsencrypt",
         name=name,
-        cert_path=_through_link(directory / "fullchain.pem"),
-        key_path=_through_link(directory / "privkey.pem"),
+        cert_path=_pinned(directory, "fullchain", targets),
+        key_path=_pinned(directory, "privkey", targets),
         shown=directory,
     )
 
 
+def _read_links(directory: Path, names: set[str]) -> dict[str, str | None]:
+    """Read each of certbot's links the listing showed.
+
+    A link's value is ``None`` when it vanished since the listing, as it
+    does between certbot's unlink and symlink. Links that cannot be read
+    for another reason (not a symlink, say) are left out.
+    """
+    targets: dict[str, str | None] = {}
+    for link in LINKS:
+        if f"{link}.pem" not in names:
+            continue
+        try:
+            targets[link] = os.readlink(directory / f"{link}.pem")
+        except FileNotFoundError:
+            targets[link] = None
+        except (OSError, ValueError):
+            continue
+    return targets
+
+
 def _renewal_in_progress(
-    directory: Path, names: set[str], archive: Path
+    directory: Path,
+    names: set[str],
+    archive: Path,
+    targets: dict[str, str | None],
 ) -> str | None:
     """Say why the lineage looks mid-renewal, or ``None`` if it does not.
 
@@ -149,11 +177,9 @@ def _renewal_in_progress(
     it is and validation refuses what the link leads to.
     """
     versions = {}
-    for link in LINKS:
-        try:
-            target = os.readlink(directory / f"{link}.pem")
-        except OSError:
-            continue
+    for link, target in targets.items():
+        if target is None:
+            return f"certbot is swapping links ({link}.pem missing)"
         version = _archive_version(directory, target, link, archive)
         if version is None:
             return None
@@ -190,17 +216,19 @@ def _archive_version(
     return None
 
 
-def _through_link(path: Path) -> Path:
-    """Pin a link to the file it names now, so a later swap cannot tear us.
+def _pinned(
+    directory: Path, link: str, targets: dict[str, str | None]
+) -> Path:
+    """Return the archive file ``link`` named when it was read.
 
-    certbot never rewrites an archive file, so reading the target found
-    here gives one consistent generation even if the link moves on.
+    Reading that file later still gives the generation the link named,
+    even if certbot has moved the link on since. A link that was not a
+    symlink is read as it is.
     """
-    try:
-        target = os.readlink(path)
-    except OSError:
-        return path
-    return path.parent / target
+    target = targets.get(link)
+    if target is None:
+        return directory / f"{link}.pem"
+    return directory / target
 
 
 def hand_placed(
