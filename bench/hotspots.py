@@ -19,7 +19,13 @@ import tempfile
 from pathlib import Path
 
 import trees
-from oneshot import clean_env, read_tree, run_or_fail, run_timed
+from oneshot import (
+    clean_env,
+    compile_package,
+    read_tree,
+    run_or_fail,
+    run_timed,
+)
 from run import CACHE
 from worlds import certwatchd_command, certwatchd_world
 
@@ -30,6 +36,7 @@ def main() -> int:
     """Profile the sync asked for and print the top of the flat list."""
     args = _arguments()
     tree = trees.cached(args.kind, args.size, args.cache / "trees")
+    compile_package()
     out = args.cache / "profiles"
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.kind}-{args.size}-{args.state}"

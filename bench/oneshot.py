@@ -7,6 +7,7 @@ stops the benchmark instead of producing a number.
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import statistics
@@ -107,6 +108,20 @@ def describe_failure(log: Path) -> str:
     if counts:
         return "; ".join(f"{n} x {what}" for what, n in counts.items())
     return text[-TAIL:].strip() or "no output"
+
+
+def compile_package() -> None:
+    """Byte-compile certwatchd, as ``pip install`` does for a user.
+
+    An editable install under ``PYTHONDONTWRITEBYTECODE`` (this machine
+    sets it) would otherwise compile every module at every run, a cost
+    no installed copy pays.
+    """
+    import certwatchd  # noqa: PLC0415 - only to find where it lives
+
+    compileall.compile_dir(
+        Path(certwatchd.__file__).parent, quiet=1, force=False
+    )
 
 
 def clean_env() -> dict[str, str]:
