@@ -261,8 +261,10 @@ class Installer:
             and self.state.is_ours(key_path, key_pem)
         ):
             return
-        kept = self.state.keep_previous(host, cert_pem, key_pem, durable=False)
         try:
+            kept = self.state.keep_previous(
+                host, cert_pem, key_pem, durable=False
+            )
             for path in kept:
                 batch.track(path)
         except OSError as exc:

@@ -320,22 +320,13 @@ class StateDir:
         """Keep the pair being replaced, to restore if Prosody rejects it.
 
         Returns the files written, which the caller must flush unless
-        ``durable``.
+        ``durable``; raises ``OSError`` if they cannot be written.
         """
-        try:
-            cert_path, key_path = self.previous_paths(host)
-            return [
-                self.write_private(key_path, key_pem, durable=durable),
-                self.write_private(cert_path, cert_pem, durable=durable),
-            ]
-        except OSError as exc:
-            log.warning(
-                "state.previous_not_kept",
-                host=host,
-                error=exc.strerror,
-                consequence="no rollback possible for this host",
-            )
-            return []
+        cert_path, key_path = self.previous_paths(host)
+        return [
+            self.write_private(key_path, key_pem, durable=durable),
+            self.write_private(cert_path, cert_pem, durable=durable),
+        ]
 
     def previous_paths(self, host: str) -> tuple[Path, Path]:
         """Return where the kept previous pair of ``host`` lies."""

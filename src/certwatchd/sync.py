@@ -103,7 +103,7 @@ class Report:
 @dataclass(frozen=True)
 class _Checked:
     pair: Pair
-    signature: tuple[object, ...]
+    signature: str | None
     verified_at: datetime
     digest: str | None
 
@@ -507,7 +507,7 @@ class Synchronizer:
     def _remember(
         self,
         paths: tuple[Path, Path],
-        signature: tuple[object, ...] | None,
+        signature: str | None,
         pair: Pair,
         now: datetime,
         digest: str | None,
@@ -874,18 +874,7 @@ def _files_signature(paths: tuple[Path, Path]) -> tuple[str, int] | None:
     return ",".join(parts), changed
 
 
-def _signature(paths: tuple[Path, Path]) -> tuple[object, ...] | None:
+def _signature(paths: tuple[Path, Path]) -> str | None:
     """Identify the current contents of both files without reading them."""
-    parts: list[object] = []
-    for path in paths:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return None
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        parts.extend(
-            (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-        )
-        parts.append(info.st_ctime_ns)
-    return tuple(parts)
+    found = _files_signature(paths)
+    return None if found is None else found[0]
