@@ -8,6 +8,7 @@ takes the cause away and checks that the daemon recovers by itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -364,6 +365,23 @@ def test_unwritable_state_dir_still_installs_renewals(
     assert process.is_running()
 
 
+def remove_while_written(path):
+    """Remove ``path`` although the daemon may be writing into it.
+
+    The daemon reinstalls what it sees go, so ``rmtree`` can find the
+    directory refilled before its last ``rmdir``; it is tried again.
+    """
+    for _ in range(20):
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+        else:
+            return
+    pytest.fail(f"{path} kept being refilled")
+
+
 @pytest.mark.parametrize("source", ["letsencrypt", "prosody"])
 def test_source_dir_deleted_and_recreated(world, authority, daemons, source):
     """A source dir removed and made again is watched and synced again."""
@@ -381,7 +399,7 @@ def test_source_dir_deleted_and_recreated(world, authority, daemons, source):
         tree.create_lineage(LINEAGE, issued)
     else:
         path = world.certs
-        shutil.rmtree(world.certs)
+        remove_while_written(world.certs)
         process.wait_for_event("source.missing", path=str(path), timeout=3)
         world.certs.mkdir()
 
