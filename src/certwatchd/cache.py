@@ -138,17 +138,13 @@ class ValidationCache:
             return
         self._entries = kept
         document = json.dumps({"version": 1, "pairs": kept})
-        try:
-            self._state.write_private(_FILE, document.encode(), durable=False)
-        except OSError as exc:
-            log.warning(
-                "state.unwritable",
-                path=str(self._state.path),
-                error=exc.strerror,
-                consequence="unchanged pairs are validated again next time",
-            )
-            return
-        self._changed = False
+        if _write(
+            self._state,
+            _FILE,
+            document,
+            "unchanged pairs are validated again next time",
+        ):
+            self._changed = False
 
 
 def _expires_after(entry: dict[str, object], now: datetime) -> bool:
@@ -285,22 +281,37 @@ class LineageCache:
         document = json.dumps(
             {"version": 1, "lineages": {k: list(v) for k, v in kept.items()}}
         )
-        try:
-            self._state.write_private(
-                _LINEAGES, document.encode(), durable=False
-            )
-        except OSError as exc:
-            log.warning(
-                "state.unwritable",
-                path=str(self._state.path),
-                error=exc.strerror,
-                consequence="unchanged lineages are read again next time",
-            )
-            return
-        self._changed = False
+        if _write(
+            self._state,
+            _LINEAGES,
+            document,
+            "unchanged lineages are read again next time",
+        ):
+            self._changed = False
 
     def release(self) -> None:
         """Drop the entries from memory; they are read again when needed."""
         self._entries = None
         self._used = set()
         self._changed = False
+
+
+def _write(
+    state: StateDir, name: str, document: str, consequence: str
+) -> bool:
+    """Write one cache file into the state directory, not durably.
+
+    A cache that cannot be written is only a cost: the failure is logged
+    with ``consequence`` and ``False`` returned.
+    """
+    try:
+        state.write_private(name, document.encode(), durable=False)
+    except OSError as exc:
+        log.warning(
+            "state.unwritable",
+            path=str(state.path),
+            error=exc.strerror,
+            consequence=consequence,
+        )
+        return False
+    return True

@@ -37,11 +37,11 @@ from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 
 log = structlog.get_logger()
 
-# Reads (open, close without writing) must not count: certwatchd reads the
-# files it watches, and counting its own reads would make it loop. They
-# are left out of the inotify mask itself, so a pass over thousands of
+# The events that can mean a change. Reads (open, close without writing)
+# must not count: certwatchd reads the files it watches, and counting its
+# own reads would make it loop. watchdog drops every other kind of event
+# and leaves it out of the inotify mask, so a pass over thousands of
 # files does not wake watchdog's threads thousands of times either.
-_RELEVANT = frozenset({"created", "deleted", "modified", "moved", "closed"})
 _EVENT_FILTER = [
     DirCreatedEvent,
     DirDeletedEvent,
@@ -66,8 +66,6 @@ class _Handler(FileSystemEventHandler):
         self._on_change = on_change
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _RELEVANT:
-            return
         paths = [event.src_path, getattr(event, "dest_path", "")]
         for path in paths:
             if path:
