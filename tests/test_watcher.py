@@ -14,30 +14,38 @@ from daemon_process import wait_until
 
 
 class Recorder:
-    """Collects ``(root, path)`` reports from watchdog's thread."""
+    """Collects ``(root, path)`` reports from watchdog's thread.
+
+    Waiting wakes at each report, as the daemon's loop does, rather than
+    at the next poll, so races against watchdog's threads show here too.
+    """
 
     def __init__(self):
         self.seen = []
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def __call__(self, root, path):
         """Note one report; called on watchdog's thread."""
-        with self._lock:
+        with self._changed:
             self.seen.append((root, path))
+            self._changed.notify_all()
 
     def paths(self, root=None):
         """Return the reported paths, for one root or all."""
-        with self._lock:
+        with self._changed:
             return [p for r, p in self.seen if root in {None, r}]
 
     def clear(self):
         """Forget what was reported so far."""
-        with self._lock:
+        with self._changed:
             self.seen.clear()
 
     def wait_for(self, condition, timeout=3.0):
         """Wait until ``condition(paths)`` holds; say whether it did."""
-        return wait_until(lambda: condition(self.paths()), timeout)
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: condition([p for _, p in self.seen]), timeout
+            )
 
 
 @pytest.fixture
@@ -161,9 +169,16 @@ def test_recreated_root_is_watched_again(roots, watching):
     watcher, recorder = watching(roots)
     live = roots["letsencrypt"]
 
+    (live / "README").unlink()
+    assert recorder.wait_for(lambda paths: str(live) in paths)
+    recorder.clear()
+
     with capture_logs() as logs:
-        shutil.rmtree(live)
+        live.rmdir()
         live.mkdir()
+        # The new directory may get the old one's inode back; once the
+        # root's deletion has been reported, the next check must see it.
+        assert recorder.wait_for(lambda paths: str(live) in paths)
         assert watcher.ensure()
     recorder.clear()
     (live / "README").write_text("x")

@@ -61,15 +61,30 @@ OnChange = Callable[[str, str], None]
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: str, on_change: OnChange) -> None:
-        self._root = root
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        on_change: OnChange,
+        on_deleted: Callable[[_Handler], None],
+    ) -> None:
+        self._name = name
+        self._path = path
         self._on_change = on_change
+        self._on_deleted = on_deleted
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if (
+            isinstance(event, DirDeletedEvent)
+            and os.fsdecode(event.src_path) == self._path
+        ):
+            # Noted before the change is reported, so that the check the
+            # report leads to already knows this watch is dead.
+            self._on_deleted(self)
         paths = [event.src_path, getattr(event, "dest_path", "")]
         for path in paths:
             if path:
-                self._on_change(self._root, os.fsdecode(path))
+                self._on_change(self._name, os.fsdecode(path))
 
 
 class _InotifyFD(InotifyFD):
@@ -119,6 +134,10 @@ class Watcher:
         self._on_change = on_change
         self._observer: BaseObserver = _Observer(self._on_overflow)
         self._watches: dict[str, ObservedWatch] = {}
+        self._handlers: dict[str, _Handler] = {}
+        # Handlers whose root was deleted; set on watchdog's thread.
+        self._deleted: set[_Handler] = set()
+        self._deleted_lock = threading.Lock()
         self._identity: dict[str, tuple[int, int]] = {}
         self._missing_reported: set[str] = set()
         self._was_watched: set[str] = set()
@@ -158,6 +177,8 @@ class Watcher:
         been missed meanwhile and a full reconcile is due.
         """
         changed = False
+        with self._deleted_lock:
+            deleted, self._deleted = self._deleted, set()
         if self._overflowed.is_set():
             # Cleared before the caller's reconcile reads anything, so an
             # overflow after this point is reported at the next call.
@@ -174,8 +195,12 @@ class Watcher:
                 watch = self._watches.get(name)
                 identity = _identity(root)
                 present = identity is not None
+                # A root made again at once can get its old inode back, and
+                # watchdog's emitter stops only after reporting the deletion,
+                # so the handler's own report is what settles it.
                 if watch is not None and (
-                    identity != self._identity.get(name)
+                    self._handlers[name] in deleted
+                    or identity != self._identity.get(name)
                     or not self._emitter_alive(watch)
                 ):
                     self._drop(name, watch, gone=not present)
@@ -193,6 +218,10 @@ class Watcher:
         self._overflowed.set()
         for name, root in self._roots.items():
             self._on_change(name, str(root))
+
+    def _on_root_deleted(self, handler: _Handler) -> None:
+        with self._deleted_lock:
+            self._deleted.add(handler)
 
     def _report_missing(self, name: str, root: Path) -> None:
         if name in self._missing_reported:
@@ -218,12 +247,15 @@ class Watcher:
         with contextlib.suppress(KeyError):
             self._observer.unschedule(watch)
         del self._watches[name]
+        del self._handlers[name]
         # A deleted root is reported by the next pass as a missing source.
         level = log.info if gone else log.warning
         level("watch.lost", root=name, path=str(self._roots[name]))
 
     def _add(self, name: str, root: Path) -> bool:
-        handler = _Handler(name, self._on_change)
+        handler = _Handler(
+            name, str(root), self._on_change, self._on_root_deleted
+        )
         try:
             watch = self._observer.schedule(
                 handler, str(root), recursive=True, event_filter=_EVENT_FILTER
@@ -232,6 +264,7 @@ class Watcher:
             self._report_schedule_failure(name, root, exc)
             return False
         self._watches[name] = watch
+        self._handlers[name] = handler
         identity = _identity(root)
         if identity is not None:
             self._identity[name] = identity
