@@ -359,7 +359,9 @@ def test_files_certwatchd_wrote_are_not_hand_placed(tmp_path):
     certs = tmp_path / "certs"
     hand(certs, "a.example.crt", "a.example.key", "b.crt", "b.key")
 
-    found = hand_placed(certs, lambda path: path.name == "a.example.crt")
+    found = hand_placed(
+        certs, lambda path: os.path.basename(path) == "a.example.crt"
+    )
 
     assert [s.name for s in found] == ["b.crt"]
 

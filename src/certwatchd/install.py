@@ -34,7 +34,7 @@ import structlog
 from certwatchd.config import Ownership
 from certwatchd.errors import InstallError, PairError
 from certwatchd.pem import read_small_file
-from certwatchd.state import StateDir, digest
+from certwatchd.state import FilePath, StateDir, digest
 
 log = structlog.get_logger()
 
@@ -67,9 +67,18 @@ def host_paths(
     certs_dir: Path, layout: Layout, host: str
 ) -> tuple[Path, Path]:
     """Return where Prosody looks for ``host``'s certificate and key."""
+    cert, key = host_files(os.path.join(certs_dir, ""), layout, host)
+    return Path(cert), Path(key)
+
+
+def host_files(prefix: str, layout: Layout, host: str) -> tuple[str, str]:
+    """Return :func:`host_paths` as strings, which are cheaper to make.
+
+    ``prefix`` is the certificate directory with a trailing slash.
+    """
     if layout == "flat":
-        return certs_dir / f"{host}.crt", certs_dir / f"{host}.key"
-    return certs_dir / host / "fullchain.pem", certs_dir / host / "privkey.pem"
+        return f"{prefix}{host}.crt", f"{prefix}{host}.key"
+    return f"{prefix}{host}/fullchain.pem", f"{prefix}{host}/privkey.pem"
 
 
 def is_version_dir(path: Path) -> bool:
@@ -90,6 +99,7 @@ class Installer:
         state: StateDir,
     ) -> None:
         self.certs_dir = certs_dir
+        self._prefix = os.path.join(certs_dir, "")
         self.layout = layout
         self.modes = modes
         self.state = state
@@ -98,8 +108,12 @@ class Installer:
         """Return the certificate and key paths Prosody uses for ``host``."""
         return host_paths(self.certs_dir, self.layout, host)
 
+    def files(self, host: str) -> tuple[str, str]:
+        """Return :meth:`paths` as strings, for looking at many hosts."""
+        return host_files(self._prefix, self.layout, host)
+
     def needs_write(
-        self, content: Content, paths: tuple[Path, Path] | None = None
+        self, content: Content, paths: tuple[FilePath, FilePath] | None = None
     ) -> bool:
         """Say whether the files on disk differ from ``content``.
 
@@ -111,14 +125,17 @@ class Installer:
         )
 
     def differs(
-        self, paths: tuple[Path, Path], cert_digest: str, key_digest: str
+        self,
+        paths: tuple[FilePath, FilePath],
+        cert_digest: str,
+        key_digest: str,
     ) -> bool:
         """Say whether the files at ``paths`` differ from these digests."""
         return self.digest_of(paths[0]) != cert_digest or (
             self.digest_of(paths[1]) != key_digest
         )
 
-    def digest_of(self, path: Path) -> str | None:
+    def digest_of(self, path: FilePath) -> str | None:
         """Return the digest of what ``path`` holds, ``None`` if unreadable.
 
         A file unchanged since it was last read is not read again.
@@ -134,7 +151,7 @@ class Installer:
         return self.modes.key_mode if key else self.modes.cert_mode
 
     def wrong_attributes(
-        self, path: Path, wanted: int, info: os.stat_result | None = None
+        self, path: FilePath, wanted: int, info: os.stat_result | None = None
     ) -> str | None:
         """Describe how ``path``'s owner or mode differ, or ``None``.
 

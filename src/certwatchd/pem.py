@@ -18,7 +18,7 @@ _PEM_HEADER = re.compile(
 )
 
 
-def read_small_file(path: Path) -> bytes:
+def read_small_file(path: str | Path) -> bytes:
     """Read a regular file of at most 1 MiB without ever blocking.
 
     Symlinks are followed; a FIFO, a device, a directory or a larger file

@@ -232,26 +232,28 @@ def _pinned(
 
 
 def hand_placed(
-    certs_dir: Path, is_ours: Callable[[Path], bool]
+    certs_dir: Path, is_ours: Callable[[str], bool]
 ) -> Iterator[Source]:
     """Yield pairs placed in Prosody's directory by someone else.
 
     Prosody's own names count: ``<name>.crt`` beside ``<name>.key``, and
     ``<name>/fullchain.pem`` beside ``<name>/privkey.pem``. Dot-names are
-    skipped, as Prosody skips them.
+    skipped, as Prosody skips them. ``is_ours`` is asked about each
+    candidate's path before anything else is made of it.
     """
     entries = sorted(_entries(certs_dir), key=lambda e: e.name)
     names = {entry.name for entry in entries}
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        path = Path(entry.path)
         if entry.name.endswith(".crt"):
             stem = entry.name.removesuffix(".crt")
-            key = certs_dir / f"{stem}.key"
-            if f"{stem}.key" in names and not is_ours(path):
+            if f"{stem}.key" in names and not is_ours(entry.path):
+                path = Path(entry.path)
+                key = certs_dir / f"{stem}.key"
                 yield Source("prosody", entry.name, path, key, path)
-        elif _is_dir(entry, follow_symlinks=True) and not is_ours(path):
+        elif _is_dir(entry, follow_symlinks=True) and not is_ours(entry.path):
+            path = Path(entry.path)
             cert = path / "fullchain.pem"
             key = path / "privkey.pem"
             if os.path.lexists(cert) and os.path.lexists(key):

@@ -40,6 +40,11 @@ _RECORD = "installed.json"
 _SETTLED_NS = 2_000_000_000
 
 
+# A file's path, as the scan that found it had it: a string while
+# thousands are looked at, to spare building a Path for each.
+FilePath = str | Path
+
+
 def digest(data: bytes) -> str:
     """SHA-256 of ``data``, hex."""
     return hashlib.sha256(data).hexdigest()
@@ -96,7 +101,7 @@ class StateDir:
                 str(k): v for k, v in seen.items() if isinstance(v, str)
             }
 
-    def _relative(self, path: Path) -> str:
+    def _relative(self, path: FilePath) -> str:
         text = os.fspath(path)
         if text.startswith(self._prefix):
             rest = text[len(self._prefix) :]
@@ -105,7 +110,7 @@ class StateDir:
                 return rest
         return os.path.relpath(path, self._certs_dir)
 
-    def is_ours(self, path: Path, data: bytes | None = None) -> bool:
+    def is_ours(self, path: FilePath, data: bytes | None = None) -> bool:
         """Say whether certwatchd wrote the file at ``path`` as it is now."""
         if not self._loaded:
             self.load()
@@ -117,7 +122,7 @@ class StateDir:
         found = self.digest_of(path) if data is None else digest(data)
         return found in recorded
 
-    def digest_of(self, path: Path) -> str | None:
+    def digest_of(self, path: FilePath) -> str | None:
         """Return the digest of what ``path`` holds, ``None`` if unreadable.
 
         A file whose stat signature is the one it had when it was last
@@ -130,7 +135,7 @@ class StateDir:
             found = self._found[relative] = self._look_at(path, relative)
         return found[1]
 
-    def stat_of(self, path: Path) -> os.stat_result | None:
+    def stat_of(self, path: FilePath) -> os.stat_result | None:
         """Return the stat :meth:`digest_of` took of ``path`` in this pass."""
         found = self._found.get(self._relative(path))
         return found[0] if found is not None else None
@@ -141,7 +146,7 @@ class StateDir:
         self._links = set()
 
     def _look_at(
-        self, path: Path, relative: str
+        self, path: FilePath, relative: str
     ) -> tuple[os.stat_result | None, str | None]:
         if not self._loaded:
             self.load()
@@ -172,7 +177,7 @@ class StateDir:
                 self._dirty = True
         return info, found
 
-    def is_link(self, path: Path) -> bool:
+    def is_link(self, path: FilePath) -> bool:
         """Say whether ``path`` was a symlink when looked at in this pass."""
         self.digest_of(path)
         return self._relative(path) in self._links

@@ -31,7 +31,7 @@ from certwatchd.sources import (
     hand_placed,
     list_lineages,
 )
-from certwatchd.state import StateDir, digest
+from certwatchd.state import FilePath, StateDir, digest
 from certwatchd.workers import Result, collect, fork_validation
 
 log = structlog.get_logger()
@@ -406,7 +406,7 @@ class Synchronizer:
         )
         return found
 
-    def _is_ours(self, path: Path) -> bool:
+    def _is_ours(self, path: FilePath) -> bool:
         if not self.state.is_link(path):
             return self.state.is_ours(path)
         try:
@@ -558,16 +558,17 @@ class Synchronizer:
         if best is None:
             return
         source, pair = best
-        cert_path, key_path = self.installer.paths(host)
-        if source.cert_path == cert_path:
+        # Strings, not paths: this runs for every host at every pass.
+        files = self.installer.files(host)
+        if os.fspath(source.cert_path) == files[0]:
             plan.serving[host] = pair.fingerprint
             return
         unread = self._unread.get((pair.cert_path, pair.key_path))
         if unread is not None:
-            write = self.installer.differs((cert_path, key_path), *unread)
+            write = self.installer.differs(files, *unread)
         else:
             content = Content(host, pair.cert_pem, pair.key_pem)
-            write = self.installer.needs_write(content, (cert_path, key_path))
+            write = self.installer.needs_write(content, files)
         if write and unread is not None:
             try:
                 pair = self._read_pair(source, now)
@@ -593,7 +594,7 @@ class Synchronizer:
                 return
         plan.choices.append(Choice(host, source, pair, write))
         if not write:
-            self._plan_corrections(plan, cert_path, key_path)
+            self._plan_corrections(plan, *files)
 
     def _best(
         self, host: str, covering: list[tuple[Source, Pair]]
@@ -652,18 +653,18 @@ class Synchronizer:
         return pair
 
     def _plan_corrections(
-        self, plan: Plan, cert_path: Path, key_path: Path
+        self, plan: Plan, cert_path: FilePath, key_path: FilePath
     ) -> None:
         for path, is_key in ((cert_path, False), (key_path, True)):
             self._plan_correction(
                 plan, path, self.installer.mode_for(key=is_key)
             )
 
-    def _plan_correction(self, plan: Plan, path: Path, mode: int) -> None:
+    def _plan_correction(self, plan: Plan, path: FilePath, mode: int) -> None:
         info = self.state.stat_of(path)
         problem = self.installer.wrong_attributes(path, mode, info)
         if problem is not None:
-            plan.corrections.append((path, mode, problem))
+            plan.corrections.append((Path(path), mode, problem))
 
     def _once(
         self, subject: str, event: str, level: str, **fields: str
