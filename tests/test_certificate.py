@@ -282,6 +282,43 @@ def test_a_key_that_does_not_match_is_refused(
     assert "does not match" in error.reason
 
 
+def test_an_ec_key_whose_scalar_is_not_the_leafs_is_refused(
+    issued, trust, tmp_path
+):
+    """A stored public point that matches cannot hide a foreign scalar.
+
+    Only the public halves are compared: this holds because the key is
+    refused when loaded, which is what this test pins down.
+    """
+    key = serialization.load_pem_private_key(issued.key_pem, None)
+    der = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    other = ec.generate_private_key(key.curve)
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    foreign = other.private_numbers().private_value.to_bytes(32, "big")
+    assert der.count(scalar) == 1
+    damaged = der.replace(scalar, foreign)
+    body = base64.encodebytes(damaged).decode().replace("\n", "")
+    lines = textwrap.wrap(body, 64)
+    key_pem = "\n".join(
+        [
+            "-----BEGIN EC PRIVATE KEY-----",
+            *lines,
+            "-----END EC PRIVATE KEY-----",
+            "",
+        ]
+    ).encode()
+    cert, key_path = pair_files(tmp_path, issued, key=key_pem)
+
+    error = refusal(load_pair, cert, key_path, trust)
+
+    assert error.path == str(key_path)
+    assert "cannot be parsed" in error.reason
+
+
 def test_the_leaf_must_come_first(issued, trust, tmp_path):
     """A certificate file that starts with the intermediate is refused."""
     cert, key = pair_files(

@@ -650,7 +650,8 @@ def test_daemon_refuses_the_whole_corpus_and_keeps_serving(
         **installed(fresh, "odd.example"),
     }
     assert peak_rss_kib(service.pid) - rss_before < 20 << 10
-    (event,) = service.named("cert.installed", host="odd.example")
+    # The file is in place a moment before the install is logged.
+    (event,) = service.wait_for_event("cert.installed", host="odd.example")
     assert event["source"] == str(setup.tree.live / odd)
     complete = service.text().rsplit("\n", 1)[0]
     assert_every_line_is_json(complete)

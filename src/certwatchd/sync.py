@@ -13,7 +13,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -369,7 +369,10 @@ class Synchronizer:
             return PairError(
                 result.path, result.reason, breaks_tls=result.breaks_tls
             )
-        digest, pair = result.digest, result.pair
+        digest = result.digest
+        pair = replace(
+            result.pair, cert_path=source.cert_path, key_path=source.key_path
+        )
         self.verdicts.remember(digest, pair)
         paths = (source.cert_path, source.key_path)
         signature = _signature(paths) if self._remembering else None

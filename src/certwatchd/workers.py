@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -18,10 +18,16 @@ from certwatchd.certificate import Pair, TrustStore, load_pair
 from certwatchd.errors import PairError
 from certwatchd.sources import Source
 
+# Stands for the source's own paths in a pair sent back by a child.
+_KNOWN = Path()
+
 
 @dataclass(frozen=True)
 class Result:
-    """What a child sends back for one source: a pair or a refusal."""
+    """What a child sends back for one source: a pair or a refusal.
+
+    A pair comes without its paths, which are the source's.
+    """
 
     digest: str = ""
     pair: Pair | None = None
@@ -86,7 +92,10 @@ def fork_validation(
                         )
                     )
                 else:
-                    results.append(Result(capture.digest, pair))
+                    # The parent knows the paths; one shared stand-in
+                    # spares it unpickling two paths per pair.
+                    sent = replace(pair, cert_path=_KNOWN, key_path=_KNOWN)
+                    results.append(Result(capture.digest, sent))
             data = pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
             view = memoryview(data)
             while view:
