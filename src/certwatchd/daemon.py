@@ -251,6 +251,9 @@ class Daemon:
         self._check_expiry()
         self._ping()
         self._notifier.status(self._status())
+        # Last: by now the pass's report and what was made from it (the
+        # expiry check at start goes through every host) are gone.
+        self.runtime.synchronizer.return_free_memory()
 
     def _collect_events(self, now: float) -> None:
         with self._events_lock:
@@ -336,8 +339,11 @@ class Daemon:
             self._dirty.discard(LINEAGE_PREFIX + name)
         self._dirty.discard(PROSODY_KEY)
 
-    def _pass(self, now: float, settled: set[str]) -> Report:
-        report = self.runtime.synchronizer.run(settled=settled)
+    def _pass(self, now: float, settled: set[str]) -> None:
+        self._absorb(self.runtime.synchronizer.run(settled=settled), now)
+
+    def _absorb(self, report: Report, now: float) -> None:
+        """Take from a pass's report what the daemon keeps or acts on."""
         if report.hosts:
             self._note_hosts(report.hosts)
         for name in report.pending:
@@ -352,7 +358,6 @@ class Daemon:
             first = self._broken.get(key, (now, source, error))[0]
             seen[key] = (first, source, error)
         self._broken = seen
-        return report
 
     def _note_hosts(self, hosts: dict[str, datetime]) -> None:
         """Keep each host's expiry, in objects of the daemon's own.

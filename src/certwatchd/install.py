@@ -34,7 +34,7 @@ import structlog
 from certwatchd.config import Ownership
 from certwatchd.errors import InstallError, PairError
 from certwatchd.pem import read_small_file
-from certwatchd.state import FilePath, StateDir, digest
+from certwatchd.state import Attributes, FilePath, StateDir, digest
 
 log = structlog.get_logger()
 
@@ -151,7 +151,10 @@ class Installer:
         return self.modes.key_mode if key else self.modes.cert_mode
 
     def wrong_attributes(
-        self, path: FilePath, wanted: int, info: os.stat_result | None = None
+        self,
+        path: FilePath,
+        wanted: int,
+        info: Attributes | os.stat_result | None = None,
     ) -> str | None:
         """Describe how ``path``'s owner or mode differ, or ``None``.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import stat
 import threading
@@ -184,13 +185,18 @@ class Synchronizer:
         # thread never interleaves with a pass.
         self.lock = threading.RLock()
         self._reported: dict[str, str] = {}
+        self._released = False
 
     def run(
         self, *, dry_run: bool = False, settled: Collection[str] = ()
     ) -> Report:
         """Run one pass and return what it did (or would do)."""
         with self.lock:
-            return self._run(dry_run=dry_run, settled=settled)
+            report = self._run(dry_run=dry_run, settled=settled)
+            # Only now is the plan, which holds every pair, gone.
+            if not dry_run:
+                self._release(len(report.hosts))
+            return report
 
     def _run(self, *, dry_run: bool, settled: Collection[str]) -> Report:
         plan = self.plan(settled=settled)
@@ -220,7 +226,6 @@ class Synchronizer:
         for choice in plan.choices:
             if not choice.write or choice.host in report.installed:
                 self._expect(choice.host, choice.pair.fingerprint)
-        self._release(len(plan.choices))
         return report
 
     def _expect(self, host: str, fingerprint: str) -> None:
@@ -243,7 +248,21 @@ class Synchronizer:
         self.verdicts.release()
         self.lineages.release()
         self.state.release()
+        self._released = True
+        # Now, while the plan's pairs are gone but the report is not, so
+        # what the caller makes of the report packs into the memory the
+        # pass still pins; return_free_memory() hands back the rest.
         _return_free_memory()
+
+    def return_free_memory(self) -> None:
+        """Hand back what the last pass freed, once its report is gone.
+
+        Only after a pass that left its caches on disk: below that size
+        the memory is kept for the next pass.
+        """
+        if self._released:
+            self._released = False
+            _return_free_memory()
 
     def plan(self, *, settled: Collection[str] = ()) -> Plan:
         """Decide what every host should hold; change nothing."""
@@ -825,9 +844,13 @@ def _nothing() -> None:
 def _return_free_memory() -> None:
     """Hand the heap a large pass freed back to the system, where it can.
 
-    glibc keeps freed memory for reuse; a daemon at rest after a pass
-    over thousands of pairs would otherwise keep its peak size.
+    A daemon at rest after a pass over thousands of pairs would otherwise
+    keep most of its peak size: Python keeps thousands of freed tuples
+    and other small objects for reuse, which pins the arenas holding
+    them, until a full collection empties those free lists; glibc keeps
+    freed memory until it is trimmed.
     """
+    gc.collect()
     trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
     if trim is not None:
         trim(0)
