@@ -8,7 +8,6 @@ thread so that a slow Prosody never stops the watchdog pings.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import select
 import signal
@@ -26,6 +25,7 @@ from certwatchd import __version__, logs
 from certwatchd.certificate import TrustStore
 from certwatchd.config import Settings, load_settings, resolve_ownership
 from certwatchd.errors import ConfigError, PairError
+from certwatchd.expiry import Expiries, days_left
 from certwatchd.notify import Notifier, watchdog_interval
 from certwatchd.queue import Backoff, Debounce, DirtySet
 from certwatchd.reload import Supervisor
@@ -114,11 +114,7 @@ class Daemon:
         self._last_verify = ""
         self._broken: dict[str, tuple[float, Source, PairError]] = {}
         self._last_reload = "none yet"
-        # Host -> its certificate's notAfter as a POSIX timestamp.
-        self._hosts: dict[str, float] = {}
-        # The host that expires first, kept with _hosts so the status
-        # line costs nothing per host at each turn of the loop.
-        self._soonest: tuple[str, float] | None = None
+        self._expiries = Expiries()
         self._watchdog_every = watchdog_interval()
         self._last_ping = 0.0
         self._next_reconcile = 0.0
@@ -147,7 +143,7 @@ class Daemon:
         runtime.watcher.start()
         self._turn()
         self._notifier.ready(self._status())
-        log.info("daemon.ready", hosts=len(self._hosts))
+        log.info("daemon.ready", hosts=len(self._expiries))
 
         try:
             while not self._stop:
@@ -345,7 +341,7 @@ class Daemon:
     def _absorb(self, report: Report, now: float) -> None:
         """Take from a pass's report what the daemon keeps or acts on."""
         if report.hosts:
-            self._note_hosts(report.hosts)
+            self._expiries.update(report.hosts)
         for name in report.pending:
             key = LINEAGE_PREFIX + name
             if key not in self._dirty.touched:
@@ -358,17 +354,6 @@ class Daemon:
             first = self._broken.get(key, (now, source, error))[0]
             seen[key] = (first, source, error)
         self._broken = seen
-
-    def _note_hosts(self, hosts: dict[str, datetime]) -> None:
-        """Keep each host's expiry, in objects of the daemon's own.
-
-        The report's names and times were allocated among a pass's
-        temporaries; kept as they are, they would pin that memory long
-        after the pass (tens of MiB after a pass over 10,000 pairs).
-        """
-        for host, not_after in hosts.items():
-            self._hosts[host.encode().decode()] = not_after.timestamp()
-        self._soonest = min(self._hosts.items(), key=lambda item: item[1])
 
     def _quarantine_broken(self, now: float) -> None:
         """Move broken hand-placed pairs out of Prosody's reach.
@@ -456,8 +441,8 @@ class Daemon:
         self._next_expiry = now + EXPIRY_CHECK_SECONDS
         self._next_expiry_wall = wall + EXPIRY_CHECK_SECONDS
         expiry = self.runtime.settings.expiry
-        for host, not_after in sorted(self._hosts.items()):
-            days = _days_left(not_after, wall)
+        for host, not_after in self._expiries:
+            days = days_left(not_after, wall)
             if days < expiry.critical_days:
                 log.error("cert.expiring", host=host, days_left=days)
             elif days < expiry.warn_days:
@@ -520,28 +505,22 @@ class Daemon:
             runtime.reload.last = old.reload.last
             self._runtime = runtime
             runtime.watcher.start()
-            self._hosts = {}
-            self._soonest = None
+            self._expiries.clear()
         self._reconcile(self._clock(), "settings re-read")
         self._notifier.ready(self._status())
 
     def _status(self) -> str:
-        if self._soonest is None:
+        if self._expiries.soonest is None:
             soonest = "no hosts installed"
         else:
-            host, not_after = self._soonest
-            days = _days_left(not_after, time.time())
+            host, not_after = self._expiries.soonest
+            days = days_left(not_after, time.time())
             soonest = f"soonest expiry {host} in {days} days"
-        text = f"{len(self._hosts)} hosts, {soonest}, "
+        text = f"{len(self._expiries)} hosts, {soonest}, "
         text += f"last reload {self._last_reload}{self._last_verify}"
         if self._runtime is not None and self.runtime.watcher.limited:
             text += ", inotify limit reached"
         return text
-
-
-def _days_left(not_after: float, now: float) -> int:
-    """Return whole days from ``now`` to ``not_after``, rounded down."""
-    return math.floor((not_after - now) / 86400)
 
 
 def _clock_time() -> str:
