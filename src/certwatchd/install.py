@@ -142,7 +142,7 @@ class Installer:
         """
         return self.state.digest_of(path)
 
-    def read(self, path: Path) -> bytes | None:
+    def read(self, path: FilePath) -> bytes | None:
         """Return what ``path`` holds now, or ``None`` if it cannot be read."""
         return _read_or_none(path)
 
@@ -269,7 +269,9 @@ class Installer:
         someone else put there is backed up, never restored by a rollback.
         The copies are flushed with the batch.
         """
-        cert_path, key_path = self.paths(host)
+        # Strings: on a first install there is nothing to keep, for
+        # thousands of hosts at once.
+        cert_path, key_path = self.files(host)
         if not os.path.lexists(cert_path):
             return
         cert_pem = self.read(cert_path)
@@ -597,7 +599,7 @@ def _syncfs(fd: int) -> bool:
     return True
 
 
-def _read_or_none(path: Path) -> bytes | None:
+def _read_or_none(path: FilePath) -> bytes | None:
     try:
         return read_small_file(path)
     except PairError:

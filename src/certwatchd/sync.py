@@ -662,9 +662,9 @@ class Synchronizer:
         return pair
 
     def _installed_pair(self, host: str, now: datetime) -> Pair | None:
-        cert_path, key_path = self.installer.paths(host)
-        if not os.path.lexists(cert_path):
+        if not os.path.lexists(self.installer.files(host)[0]):
             return None
+        cert_path, key_path = self.installer.paths(host)
         source = Source("prosody", host, cert_path, key_path, cert_path)
         try:
             pair = self._check(source, now, announce=False)
