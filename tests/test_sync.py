@@ -1148,17 +1148,17 @@ def test_validation_spread_over_processes_installs_and_refuses(
     setup, authority, cli, monkeypatch
 ):
     """Pairs validated in child processes install, or are refused, alike."""
-    import certwatchd.sync  # noqa: PLC0415
+    import certwatchd.checker  # noqa: PLC0415
 
     forked = []
-    fork = certwatchd.sync.fork_validation
+    fork = certwatchd.checker.fork_validation
 
     def counting_fork(*args):
         forked.append(len(args[0]))
         return fork(*args)
 
-    monkeypatch.setattr(certwatchd.sync, "_PER_WORKER", 2)
-    monkeypatch.setattr(certwatchd.sync, "fork_validation", counting_fork)
+    monkeypatch.setattr(certwatchd.checker, "_PER_WORKER", 2)
+    monkeypatch.setattr(certwatchd.checker, "fork_validation", counting_fork)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2})
     issued = {
         f"host{index}.example": lineage(
@@ -1191,16 +1191,17 @@ def test_pairs_recalled_by_stat_signature_install_whole_files(
 ):
     """Unchanged files are recalled unread; what changes is still seen."""
     import certwatchd.cache  # noqa: PLC0415
+    import certwatchd.checker  # noqa: PLC0415
     import certwatchd.state  # noqa: PLC0415
     import certwatchd.sync  # noqa: PLC0415
 
     # Recall from disk as with thousands of hosts, and trust stat
     # signatures at once instead of after two seconds of quiet.
     monkeypatch.setattr(certwatchd.sync, "_KEPT_IN_MEMORY", 0)
-    for module in (certwatchd.sync, certwatchd.cache, certwatchd.state):
+    for module in (certwatchd.checker, certwatchd.cache, certwatchd.state):
         monkeypatch.setattr(module, "_SETTLED_NS", 0)
     recalled = []
-    recall = certwatchd.sync.Synchronizer._recall_unread  # noqa: SLF001
+    recall = certwatchd.checker.Checker._recall_unread  # noqa: SLF001
 
     def counting_recall(self, *args):
         pair = recall(self, *args)
@@ -1208,7 +1209,7 @@ def test_pairs_recalled_by_stat_signature_install_whole_files(
         return pair
 
     monkeypatch.setattr(
-        certwatchd.sync.Synchronizer, "_recall_unread", counting_recall
+        certwatchd.checker.Checker, "_recall_unread", counting_recall
     )
     names = ["example.com", "conference.example.com", "upload.example.com"]
     lineage(setup, authority, "example.com", names)

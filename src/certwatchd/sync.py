@@ -10,18 +10,17 @@ import ctypes
 import ctypes.util
 import gc
 import os
-import stat
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
 from certwatchd.cache import LineageCache, ValidationCache
-from certwatchd.certificate import Pair, TrustStore, Verdicts, load_pair
+from certwatchd.certificate import Pair, TrustStore, load_pair
+from certwatchd.checker import Checker
 from certwatchd.config import Ownership, Settings
 from certwatchd.errors import InstallError, PairError
 from certwatchd.install import Content, Installer, Modes
@@ -32,27 +31,17 @@ from certwatchd.sources import (
     hand_placed,
     list_lineages,
 )
-from certwatchd.state import FilePath, StateDir, digest
-from certwatchd.workers import Result, collect, fork_validation
+from certwatchd.state import FilePath, StateDir
 
 log = structlog.get_logger()
 
 _LIBC_NAME = ctypes.util.find_library("c")
 _LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
 
-# A validated pair is re-verified after this long even if its files did
-# not change, so an intermediate that expires is noticed.
-_REVERIFY_AFTER = timedelta(hours=1)
-# Validation is spread over processes only when each gets this many
-# pairs; below it, starting a process costs more than it saves.
-_PER_WORKER = 64
 # Up to this many hosts, validated pairs and records stay in memory
 # between passes; beyond it, each pass reads them from the state
 # directory, so the memory of a daemon at rest does not grow with them.
 _KEPT_IN_MEMORY = 500
-# A stat signature stands for a file's contents only once the file has
-# been left alone this long (see state.py).
-_SETTLED_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -101,47 +90,6 @@ class Report:
         return not self.refused and not self.failed
 
 
-@dataclass(frozen=True)
-class _Checked:
-    pair: Pair
-    signature: str | None
-    verified_at: datetime
-    digest: str | None
-
-
-class _Deferred(Exception):  # noqa: N818 - a signal, not an error
-    """Raised to put off a validation the cache could not answer."""
-
-
-class _Recorder:
-    """Passes verdicts through, noting what a load used or found."""
-
-    def __init__(self, inner: Verdicts | None, *, defer: bool) -> None:
-        self._inner = inner
-        self._defer = defer
-        self.digest: str | None = None
-        self.validated = False
-
-    def recall(
-        self, digest: str, cert_path: Path, key_path: Path, blocks: bytes
-    ) -> Pair | None:
-        """Answer from the cache, or put the validation off."""
-        self.digest = digest
-        known = None
-        if self._inner is not None:
-            known = self._inner.recall(digest, cert_path, key_path, blocks)
-        if known is None and self._defer:
-            raise _Deferred
-        return known
-
-    def remember(self, digest: str, pair: Pair) -> None:
-        """Note a pair that was validated just now."""
-        self.digest = digest
-        self.validated = True
-        if self._inner is not None:
-            self._inner.remember(digest, pair)
-
-
 class Synchronizer:
     """Keeps the certificate directory in step with the sources."""
 
@@ -155,10 +103,6 @@ class Synchronizer:
         workers: int = 1,
     ) -> None:
         self.settings = settings
-        self._tick = tick or _nothing
-        # Processes to validate in; more than one only where forking is
-        # safe (no other threads), as in the one-shot commands.
-        self.workers = workers
         self.trust = trust
         install = settings.install
         self.state = StateDir(settings.state.dir, install.certs_dir)
@@ -168,15 +112,14 @@ class Synchronizer:
             Modes(ownership, install.cert_mode, install.key_mode),
             self.state,
         )
-        self._checked: dict[tuple[Path, Path], _Checked] = {}
-        self._remembering = True
-        # Pairs recalled in this pass without reading their files: the
-        # digests of the certificate and key as they would be installed.
-        self._unread: dict[tuple[Path, Path], tuple[str, str]] = {}
-        self._read_pairs: dict[tuple[Path, Path], Pair] = {}
-        self._looked_at: set[tuple[Path, Path]] = set()
-        self.verdicts = ValidationCache(self.state)
         self.lineages = LineageCache(self.state)
+        self.checker = Checker(
+            trust,
+            ValidationCache(self.state),
+            self.lineages,
+            tick or _nothing,
+            workers=workers,
+        )
         # Host -> fingerprint of the leaf Prosody should serve for it,
         # for the hosts whose endpoints are probed after a reload.
         self.expected: dict[str, str] = {}
@@ -217,7 +160,7 @@ class Synchronizer:
             return report
 
         self._apply(plan, report)
-        self.verdicts.save()
+        self.checker.verdicts.save()
         self.lineages.save()
         if self.state.dirty:
             self.state.save(durable=False)
@@ -239,13 +182,10 @@ class Synchronizer:
         Beyond a few hundred hosts the caches are left on disk, where the
         next pass finds them, rather than kept in memory.
         """
-        self._looked_at = set()
-        self._unread = {}
-        self._read_pairs = {}
-        if hosts <= _KEPT_IN_MEMORY:
+        everything = hosts > _KEPT_IN_MEMORY
+        self.checker.release(everything=everything)
+        if not everything:
             return
-        self._checked = {}
-        self.verdicts.release()
         self.lineages.release()
         self.state.release()
         self._released = True
@@ -268,18 +208,15 @@ class Synchronizer:
         """Decide what every host should hold; change nothing."""
         now = datetime.now(UTC)
         plan = Plan()
-        self.verdicts.begin()
+        self.checker.begin()
         self.lineages.begin()
         self.state.forget()
-        self._looked_at = set()
-        self._unread = {}
-        self._read_pairs = {}
         sources = self._discover(plan, settled)
         # Past a few hundred pairs, validations are not kept in memory
         # (see _release), so their files need no stat signature either.
-        self._remembering = len(sources) <= _KEPT_IN_MEMORY
-
-        outcomes = self._check_all(sources, now)
+        outcomes = self.checker.check_all(
+            sources, now, remember=len(sources) <= _KEPT_IN_MEMORY
+        )
         valid: dict[str, tuple[Source, Pair]] = {}
         for source, outcome in zip(sources, outcomes, strict=True):
             if isinstance(outcome, PairError):
@@ -304,100 +241,8 @@ class Synchronizer:
         names = _NameIndex(valid.values())
         for host in sorted(self._hosts(valid)):
             self._plan_host(plan, host, names.covering(host), now)
-        # Forget pairs whose files no pass looks at any more.
-        self._checked = {
-            paths: checked
-            for paths, checked in self._checked.items()
-            if paths in self._looked_at
-        }
+        self.checker.end()
         return plan
-
-    def _check_all(
-        self, sources: list[Source], now: datetime
-    ) -> list[Pair | PairError]:
-        """Validate every source; return a pair or the refusal for each.
-
-        What the caches cannot answer is validated in up to ``workers``
-        processes when there is enough of it.
-        """
-        parallel = self.workers > 1
-        outcomes: list[Pair | PairError | None] = []
-        deferred: list[int] = []
-        for index, source in enumerate(sources):
-            if index % 100 == 0:
-                self._tick()
-            try:
-                outcomes.append(self._check(source, now, defer=parallel))
-            except _Deferred:
-                outcomes.append(None)
-                deferred.append(index)
-            except PairError as exc:
-                outcomes.append(exc)
-        if deferred:
-            chosen = [sources[index] for index in deferred]
-            for index, outcome in zip(
-                deferred, self._validate_many(chosen, now), strict=True
-            ):
-                outcomes[index] = outcome
-        return [outcome for outcome in outcomes if outcome is not None]
-
-    def _validate_many(
-        self, sources: list[Source], now: datetime
-    ) -> list[Pair | PairError]:
-        """Validate ``sources`` that no cache knows, in several processes.
-
-        Each child validates every n-th source and sends the outcomes
-        back pickled; a child that fails has its share done here.
-        """
-        workers = min(self.workers, max(len(sources) // _PER_WORKER, 1))
-        children = []
-        for share in range(1, workers):
-            child = fork_validation(sources[share::workers], self.trust, now)
-            if child is not None:
-                children.append((share, child))
-        outcomes: list[Pair | PairError | None] = [None] * len(sources)
-        forked = {share for share, _ in children}
-        for index, source in enumerate(sources):
-            if index % workers in forked:
-                continue
-            if index % 100 == 0:
-                self._tick()
-            try:
-                outcomes[index] = self._check(source, now)
-            except PairError as exc:
-                outcomes[index] = exc
-        for share, (pid, fd) in children:
-            results = collect(pid, fd)
-            mine = range(share, len(sources), workers)
-            if results is None or len(results) != len(mine):
-                results = [None] * len(mine)
-            for index, result in zip(mine, results, strict=True):
-                outcomes[index] = self._adopt(sources[index], result, now)
-        return [outcome for outcome in outcomes if outcome is not None]
-
-    def _adopt(
-        self, source: Source, result: Result | None, now: datetime
-    ) -> Pair | PairError:
-        """Take a child's outcome for ``source``; redo it here if missing."""
-        if result is None:
-            try:
-                return self._check(source, now)
-            except PairError as exc:
-                return exc
-        if result.pair is None:
-            return PairError(
-                result.path, result.reason, breaks_tls=result.breaks_tls
-            )
-        digest = result.digest
-        pair = replace(
-            result.pair, cert_path=source.cert_path, key_path=source.key_path
-        )
-        self.verdicts.remember(digest, pair)
-        paths = (source.cert_path, source.key_path)
-        signature = _signature(paths) if self._remembering else None
-        self._remember(paths, signature, pair, now, digest)
-        _log_validated(source, pair, self.trust)
-        return pair
 
     def _discover(self, plan: Plan, settled: Collection[str]) -> list[Source]:
         found: list[Source] = []
@@ -435,108 +280,6 @@ class Synchronizer:
             return os.readlink(path).startswith(".certwatchd-")
         except OSError:
             return False
-
-    def _check(
-        self,
-        source: Source,
-        now: datetime,
-        *,
-        announce: bool = True,
-        defer: bool = False,
-    ) -> Pair:
-        """Validate ``source``, reusing the result while its files stay.
-
-        With ``defer``, a pair no cache knows raises ``_Deferred``
-        instead of being validated here.
-        """
-        paths = (source.cert_path, source.key_path)
-        self._looked_at.add(paths)
-        signature = _signature(paths) if self._remembering else None
-        cached = self._checked.get(paths)
-        if (
-            cached is not None
-            and signature is not None
-            and cached.signature == signature
-            and now - cached.verified_at < _REVERIFY_AFTER
-        ):
-            if cached.digest is not None:
-                self.verdicts.keep(cached.digest)
-            pair = cached.pair
-            if now > pair.not_after:
-                msg = f"expired at {pair.not_after.isoformat()}"
-                raise PairError(str(source.cert_path), msg, breaks_tls=False)
-            return pair
-
-        noting = not self._remembering and source.origin == "letsencrypt"
-        files = _files_signature(paths) if noting else None
-        if files is not None:
-            known = self._recall_unread(source, files[0], now)
-            if known is not None:
-                return known
-
-        recorder = _Recorder(self.verdicts, defer=defer)
-        pair = load_pair(
-            source.cert_path, source.key_path, self.trust, now, recorder
-        )
-        if announce and recorder.validated:
-            _log_validated(source, pair, self.trust)
-        self._remember(paths, signature, pair, now, recorder.digest)
-        if files is not None and recorder.digest is not None:
-            self._note_unread(source, files, recorder.digest, pair)
-        return pair
-
-    def _recall_unread(
-        self, source: Source, files: str, now: datetime
-    ) -> Pair | None:
-        """Recall a lineage's pair by its files' stat signatures alone.
-
-        The pair comes without its PEM; :meth:`_plan_host` reads the
-        files if it has to install them.
-        """
-        prefix = f"{self.trust.identity} {files} "
-        note = self.lineages.note_of(source.name)
-        if not note.startswith(prefix):
-            return None
-        parts = note[len(prefix) :].split(" ")
-        if len(parts) != 3:  # noqa: PLR2004 - verdict, cert and key digests
-            return None
-        verdict, cert_digest, key_digest = parts
-        pair = self.verdicts.recall(
-            verdict, source.cert_path, source.key_path, b""
-        )
-        if pair is None or now >= pair.chain_not_after:
-            return None
-        pair.check_window(now)
-        self._unread[(source.cert_path, source.key_path)] = (
-            cert_digest,
-            key_digest,
-        )
-        return pair
-
-    def _note_unread(
-        self, source: Source, files: tuple[str, int], verdict: str, pair: Pair
-    ) -> None:
-        """Keep what is needed to recall ``pair`` without reading it."""
-        signature, changed = files
-        if changed >= time.time_ns() - _SETTLED_NS:
-            return
-        self.lineages.note(
-            source.name,
-            f"{self.trust.identity} {signature} {verdict}"
-            f" {digest(pair.cert_pem)} {digest(pair.key_pem)}",
-        )
-
-    def _remember(
-        self,
-        paths: tuple[Path, Path],
-        signature: str | None,
-        pair: Pair,
-        now: datetime,
-        digest: str | None,
-    ) -> None:
-        self._looked_at.add(paths)
-        if signature is not None:
-            self._checked[paths] = _Checked(pair, signature, now, digest)
 
     def _report_refusal(self, source: Source, exc: PairError) -> None:
         if self._reported.get(source.key) == exc.reason:
@@ -585,7 +328,7 @@ class Synchronizer:
         if os.fspath(source.cert_path) == files[0]:
             plan.serving[host] = pair.fingerprint
             return
-        unread = self._unread.get((pair.cert_path, pair.key_path))
+        unread = self.checker.unread(pair)
         if unread is not None:
             write = self.installer.differs(files, *unread)
         else:
@@ -593,7 +336,7 @@ class Synchronizer:
             write = self.installer.needs_write(content, files)
         if write and unread is not None:
             try:
-                pair = self._read_pair(source, now)
+                pair = self.checker.read_pair(source, now)
             except PairError as exc:
                 plan.refused[str(exc.path)] = exc.reason
                 self._report_refusal(source, exc)
@@ -649,25 +392,13 @@ class Synchronizer:
             ),
         )
 
-    def _read_pair(self, source: Source, now: datetime) -> Pair:
-        """Load a pair recalled without its PEM, this time with it.
-
-        Every host the pair serves gets the same load in this pass.
-        """
-        paths = (source.cert_path, source.key_path)
-        pair = self._read_pairs.get(paths)
-        if pair is None:
-            pair = load_pair(*paths, self.trust, now, self.verdicts)
-            self._read_pairs[paths] = pair
-        return pair
-
     def _installed_pair(self, host: str, now: datetime) -> Pair | None:
         if not os.path.lexists(self.installer.files(host)[0]):
             return None
         cert_path, key_path = self.installer.paths(host)
         source = Source("prosody", host, cert_path, key_path, cert_path)
         try:
-            pair = self._check(source, now, announce=False)
+            pair = self.checker.check(source, now, announce=False)
         except PairError:
             return None
         if not any(covers(name, host) for name in pair.names):
@@ -856,18 +587,6 @@ def _return_free_memory() -> None:
         trim(0)
 
 
-def _log_validated(source: Source, pair: Pair, trust: TrustStore) -> None:
-    """Log a validation done just now (not one recalled from the cache)."""
-    log.info(
-        "cert.validated",
-        source=source.key,
-        names=",".join(pair.names),
-        serial=pair.serial,
-        not_after=pair.not_after.date().isoformat(),
-        chain="verified" if trust.verifies else "not checked",
-    )
-
-
 def _log_choice(event: str, choice: Choice) -> None:
     log.info(
         event,
@@ -877,31 +596,3 @@ def _log_choice(event: str, choice: Choice) -> None:
         not_after=choice.pair.not_after.date().isoformat(),
         fingerprint=choice.pair.fingerprint[:16],
     )
-
-
-def _files_signature(paths: tuple[Path, Path]) -> tuple[str, int] | None:
-    """Sum up both files' stat signatures, and when either last changed.
-
-    ``None`` unless both are regular files.
-    """
-    parts = []
-    changed = 0
-    for path in paths:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return None
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        parts.append(
-            f"{info.st_dev}:{info.st_ino}:{info.st_size}:"
-            f"{info.st_mtime_ns}:{info.st_ctime_ns}"
-        )
-        changed = max(changed, info.st_mtime_ns, info.st_ctime_ns)
-    return ",".join(parts), changed
-
-
-def _signature(paths: tuple[Path, Path]) -> str | None:
-    """Identify the current contents of both files without reading them."""
-    found = _files_signature(paths)
-    return None if found is None else found[0]
