@@ -30,7 +30,7 @@ from certwatchd.notify import Notifier, watchdog_interval
 from certwatchd.queue import Backoff, Debounce, DirtySet
 from certwatchd.reload import Supervisor
 from certwatchd.sources import Pending, Source, read_lineage
-from certwatchd.sync import Report, Synchronizer
+from certwatchd.sync import Synchronizer
 from certwatchd.verification import Verdict, reload_and_verify
 from certwatchd.watcher import Watcher
 
@@ -336,10 +336,7 @@ class Daemon:
         self._dirty.discard(PROSODY_KEY)
 
     def _pass(self, now: float, settled: set[str]) -> None:
-        self._absorb(self.runtime.synchronizer.run(settled=settled), now)
-
-    def _absorb(self, report: Report, now: float) -> None:
-        """Take from a pass's report what the daemon keeps or acts on."""
+        report = self.runtime.synchronizer.run(settled=settled)
         if report.hosts:
             self._expiries.update(report.hosts)
         for name in report.pending:
