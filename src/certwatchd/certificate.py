@@ -473,6 +473,8 @@ def is_whole(key: PrivateKey, leaf: x509.Certificate) -> bool:
         public = leaf.public_key()
     except (ValueError, UnsupportedAlgorithm):
         return False
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return isinstance(public, ec.EllipticCurvePublicKey)
     data = b"certwatchd key check"
     try:
         if isinstance(key, rsa.RSAPrivateKey) and isinstance(
@@ -481,8 +483,6 @@ def is_whole(key: PrivateKey, leaf: x509.Certificate) -> bool:
             pad = padding.PKCS1v15()
             signature = key.sign(data, pad, hashes.SHA256())
             public.verify(signature, data, pad, hashes.SHA256())
-        elif isinstance(key, ec.EllipticCurvePrivateKey):
-            return isinstance(public, ec.EllipticCurvePublicKey)
         elif isinstance(key, ed25519.Ed25519PrivateKey) and isinstance(
             public, ed25519.Ed25519PublicKey
         ):

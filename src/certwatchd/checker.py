@@ -114,6 +114,10 @@ class Checker:
         self.verdicts.begin()
         self._forget_pass()
 
+    def save(self) -> None:
+        """Keep the verdicts this pass used for the next one."""
+        self.verdicts.save()
+
     def end(self) -> None:
         """Forget pairs whose files the pass did not look at."""
         self._checked = {

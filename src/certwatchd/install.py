@@ -106,7 +106,8 @@ class Installer:
 
     def paths(self, host: str) -> tuple[Path, Path]:
         """Return the certificate and key paths Prosody uses for ``host``."""
-        return host_paths(self.certs_dir, self.layout, host)
+        cert, key = self.files(host)
+        return Path(cert), Path(key)
 
     def files(self, host: str) -> tuple[str, str]:
         """Return :meth:`paths` as strings, for looking at many hosts."""

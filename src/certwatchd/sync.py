@@ -160,7 +160,7 @@ class Synchronizer:
             return report
 
         self._apply(plan, report)
-        self.checker.verdicts.save()
+        self.checker.save()
         self.lineages.save()
         if self.state.dirty:
             self.state.save(durable=False)
